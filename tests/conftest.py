@@ -1,0 +1,49 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from data_modules import MNISTDataModule
+from train import CONFIG_DIR, PROJECT_DIR, group_overrides
+
+# Enough of every stage to run it for real, small enough for a 2-core CPU.
+TINY_RUN = [
+    "trainer=cpu",
+    "task.model.backbone.pretrained=false",
+    "trainer.max_epochs=1",
+    "+trainer.limit_train_batches=3",
+    "+trainer.limit_val_batches=2",
+    "+trainer.limit_test_batches=2",
+    "+trainer.enable_model_summary=false",
+    "data_module.num_workers=0",
+]
+# Any download fails at once, as it would on a machine without internet.
+OFFLINE = {name: "http://127.0.0.1:9" for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")}
+
+
+@pytest.fixture(scope="session")
+def mnist_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real MNIST, prepared once for the whole session."""
+    data_dir = tmp_path_factory.mktemp("mnist")
+    MNISTDataModule(data_dir=str(data_dir)).prepare_data()
+    return data_dir
+
+
+def compose_config(*overrides: str) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=group_overrides(list(overrides)))
+
+
+def run_train(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "train.py", *args],
+        cwd=PROJECT_DIR,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )

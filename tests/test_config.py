@@ -1,0 +1,73 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import compose_config, run_train
+
+from train import PROJECT_DIR, group_overrides
+
+EXPECTED = (Path(__file__).parent / "expected_config.yaml").read_text()
+
+
+def test_cfg_job_prints_the_spec_config_and_nothing_else():
+    result = run_train("--cfg", "job")
+    assert result.returncode == 0
+    assert result.stdout == EXPECTED
+    assert result.stderr == ""
+
+
+def test_printing_the_config_imports_neither_torch_nor_lightning():
+    code = (
+        "import sys; sys.argv = ['train.py', '--cfg', 'job']; import train; train.main(); "
+        "print('HEAVY', sorted(m for m in ('torch', 'pytorch_lightning', 'torchvision') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_DIR, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "HEAVY []" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("task.model.backbone=resnet50", "task/model/backbone=resnet50"),
+        ("task.model.backbone=resnet18,resnet34,resnet50", "task/model/backbone=resnet18,resnet34,resnet50"),
+        ("task.optimizer=adam", "task/optimizer=adam"),
+        ("+task.model.head=identity_head", "+task/model/head=identity_head"),
+        ("task/model/backbone=resnet50", "task/model/backbone=resnet50"),
+        ("task.model.backbone.pretrained=false", "task.model.backbone.pretrained=false"),
+        ("task.optimizer.lr=0.001", "task.optimizer.lr=0.001"),
+        ("data_module.batch_size=128", "data_module.batch_size=128"),
+        ("trainer=cpu", "trainer=cpu"),
+        ("hydra.run.dir=out", "hydra.run.dir=out"),
+        ("-m", "-m"),
+    ],
+)
+def test_group_overrides_rewrites_only_config_groups(given, expected):
+    assert group_overrides([given]) == [expected]
+
+
+@pytest.mark.parametrize("override", ["task.model.backbone=resnet50", "task/model/backbone=resnet50"])
+def test_both_spellings_select_the_backbone_option(override):
+    cfg = compose_config(override)
+    assert cfg.task.model.backbone._target_ == "backbones.ResNet50"
+    assert cfg.task.model.backbone.pretrained is True
+
+
+def test_value_overrides_stay_value_overrides():
+    cfg = compose_config("task.optimizer.lr=0.001", "data_module.batch_size=128", "task.model.backbone.pretrained=false")
+    assert cfg.task.optimizer.lr == 0.001
+    assert cfg.data_module.batch_size == 128
+    assert cfg.task.model.backbone == {"_target_": "backbones.ResNet18", "pretrained": False}
+
+
+def test_cpu_trainer():
+    cfg = compose_config("trainer=cpu")
+    assert cfg.trainer.accelerator == "cpu"
+    assert cfg.trainer.devices == 1
+
+
+def test_dot_form_on_the_command_line():
+    result = run_train("--cfg", "job", "task.model.backbone=resnet34")
+    assert result.returncode == 0, result.stderr
+    assert "_target_: backbones.ResNet34\n      pretrained: true\n" in result.stdout

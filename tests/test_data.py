@@ -1,0 +1,81 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import data_modules
+from data_modules import RAW_FILES, MNISTDataModule, damaged_files
+from train import PROJECT_DIR
+
+
+def test_offline_source_builds_the_original_files_in_an_empty_folder(tmp_path, monkeypatch):
+    def unreachable(folder):
+        raise OSError("mirrors unreachable")
+
+    monkeypatch.setattr(data_modules, "download_with_torchvision", unreachable)
+    MNISTDataModule(data_dir=str(tmp_path / "mnist")).prepare_data()
+
+    raw = tmp_path / "mnist" / "MNIST" / "raw"
+    assert sorted(p.name for p in raw.iterdir() if not p.name.startswith(".")) == sorted(RAW_FILES)
+    assert damaged_files(raw) == []  # every file has the original MD5
+    assert not list(raw.glob(".partial-*"))
+
+
+def test_two_runs_preparing_one_folder_at_once_both_succeed(tmp_path):
+    code = f"from data_modules import MNISTDataModule; MNISTDataModule(data_dir={str(tmp_path)!r}).prepare_data()"
+    runs = [subprocess.Popen([sys.executable, "-c", code], cwd=PROJECT_DIR, stderr=subprocess.PIPE) for _ in range(2)]
+    for run in runs:
+        _, err = run.communicate(timeout=600)
+        assert run.returncode == 0, err.decode()
+    assert damaged_files(tmp_path / "MNIST" / "raw") == []
+
+
+@pytest.fixture(scope="module")
+def mnist(mnist_dir: Path) -> MNISTDataModule:
+    datamodule = MNISTDataModule(data_dir=str(mnist_dir), batch_size=64, drop_last=True)
+    datamodule.setup()
+    return datamodule
+
+
+def test_split_is_55000_5000_and_the_official_test_set(mnist):
+    assert (len(mnist.train_set), len(mnist.val_set), len(mnist.test_set)) == (55_000, 5_000, 10_000)
+    assert mnist.train_set.images.dtype == torch.uint8
+    assert mnist.train_set.images.shape[1:] == (1, 28, 28)
+    # Every digit is in every split, in roughly MNIST's proportions.
+    for split in (mnist.train_set, mnist.val_set, mnist.test_set):
+        share = torch.bincount(split.labels, minlength=10).float() / len(split)
+        assert share.min() > 0.08
+        assert share.max() < 0.12
+
+
+def test_split_is_fixed_and_disjoint(mnist, mnist_dir):
+    again = MNISTDataModule(data_dir=str(mnist_dir))
+    again.setup()
+    assert torch.equal(again.val_set.images, mnist.val_set.images)
+    train = {bytes(x.numpy()) for x in mnist.train_set.images[:5000]}
+    assert not train & {bytes(x.numpy()) for x in mnist.val_set.images[:500]}
+
+
+def test_training_batches_honour_batch_size_and_drop_last(mnist):
+    loader = mnist.train_dataloader()
+    assert len(loader) == 55_000 // 64
+    images, labels = next(iter(loader))
+    assert images.shape == (64, 1, 28, 28)
+    assert images.dtype == torch.uint8
+    assert labels.shape == (64,)
+    assert sum(len(y) for _, y in mnist.val_dataloader()) == 5_000  # evaluation keeps every sample
+
+
+def test_shuffling_draws_a_new_order_each_epoch(mnist):
+    loader = mnist.train_dataloader()
+    first, second = next(iter(loader))[1], next(iter(loader))[1]
+    assert not torch.equal(first, second)
+
+
+def test_batches_are_normalised_after_transfer(mnist):
+    images, labels = mnist.on_after_batch_transfer((mnist.train_set.images[:10_000], mnist.train_set.labels[:10_000]), 0)
+    assert images.dtype == torch.float32
+    assert abs(images.mean().item()) < 0.02
+    assert abs(images.std().item() - 1) < 0.02

@@ -1,0 +1,68 @@
+import pytest
+import torch
+import yaml
+from conftest import OFFLINE, TINY_RUN, run_train
+
+pytestmark = pytest.mark.slow
+
+
+def test_fit_then_test_on_cpu_keeps_everything_in_the_run_directory(tmp_path, mnist_dir):
+    run_dir = tmp_path / "run"
+    result = run_train(*TINY_RUN, f"data_module.data_dir={mnist_dir}", f"hydra.run.dir={run_dir}")
+
+    assert result.returncode == 0, result.stderr
+    accuracy = float(result.stdout.split("test accuracy: ")[1].split()[0])
+    assert 0.0 <= accuracy <= 1.0
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert len(list((run_dir / "checkpoints").glob("epoch00-val_acc*.ckpt"))) == 1
+    assert "test/acc" in (run_dir / "metrics.csv").read_text()
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert (run_dir / "train.log").is_file()
+    assert not list(run_dir.rglob("*-ubyte"))  # the data stays in data_dir
+
+
+def test_multirun_sweeps_the_three_backbones(tmp_path, mnist_dir):
+    sweep_dir = tmp_path / "sweep"
+    result = run_train(
+        "-m",
+        "task.model.backbone=resnet18,resnet34,resnet50",
+        *TINY_RUN,
+        f"data_module.data_dir={mnist_dir}",
+        f"hydra.sweep.dir={sweep_dir}",
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("test accuracy: ") == 3
+    targets = [yaml.safe_load((sweep_dir / str(job) / ".hydra" / "config.yaml").read_text()) for job in range(3)]
+    assert [t["task"]["model"]["backbone"]["_target_"] for t in targets] == [
+        "backbones.ResNet18",
+        "backbones.ResNet34",
+        "backbones.ResNet50",
+    ]
+    assert all((sweep_dir / str(job) / "checkpoints" / "last.ckpt").is_file() for job in range(3))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_gpu_trainer_without_a_gpu_stops_at_once_naming_trainer_cpu():
+    result = run_train()
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: trainer.accelerator=gpu but PyTorch sees no CUDA GPU here; train on the CPU with trainer=cpu"
+    ]
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_missing_pretrained_weights_stop_before_training(tmp_path, mnist_dir):
+    result = run_train(
+        "trainer=cpu",
+        f"data_module.data_dir={mnist_dir}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        env={"TORCH_HOME": str(tmp_path / "torch"), **OFFLINE},
+    )
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: task.model.backbone.pretrained=true but the ImageNet weights could not be downloaded")
+    assert "task.model.backbone.pretrained=false" in last
+    assert str(tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in last
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
