@@ -167,7 +167,9 @@ def prepare_mnist(raw_dir: Path) -> None:
 
 
 def damaged_files(raw_dir: Path) -> list[str]:
-    return [name for name, md5 in RAW_FILES.items() if not (raw_dir / name).is_file() or file_md5(raw_dir / name) != md5]
+    return [
+        name for name, md5 in RAW_FILES.items() if not (raw_dir / name).is_file() or file_md5(raw_dir / name) != md5
+    ]
 
 
 def file_md5(path: Path) -> str:

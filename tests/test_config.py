@@ -19,7 +19,7 @@ def test_cfg_job_prints_the_spec_config_and_nothing_else():
 
 def test_printing_the_config_imports_neither_torch_nor_lightning():
     code = (
-        "import sys; sys.argv = ['train.py', '--cfg', 'job']; import train; train.main(); "
+        "import runpy, sys; sys.argv = ['train.py', '--cfg', 'job']; runpy.run_path('train.py', run_name='__main__'); "
         "print('HEAVY', sorted(m for m in ('torch', 'pytorch_lightning', 'torchvision') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_DIR, capture_output=True, text=True)
@@ -55,7 +55,9 @@ def test_both_spellings_select_the_backbone_option(override):
 
 
 def test_value_overrides_stay_value_overrides():
-    cfg = compose_config("task.optimizer.lr=0.001", "data_module.batch_size=128", "task.model.backbone.pretrained=false")
+    cfg = compose_config(
+        "task.optimizer.lr=0.001", "data_module.batch_size=128", "task.model.backbone.pretrained=false"
+    )
     assert cfg.task.optimizer.lr == 0.001
     assert cfg.data_module.batch_size == 128
     assert cfg.task.model.backbone == {"_target_": "backbones.ResNet18", "pretrained": False}

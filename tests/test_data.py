@@ -75,7 +75,9 @@ def test_shuffling_draws_a_new_order_each_epoch(mnist):
 
 
 def test_batches_are_normalised_after_transfer(mnist):
-    images, labels = mnist.on_after_batch_transfer((mnist.train_set.images[:10_000], mnist.train_set.labels[:10_000]), 0)
+    images, labels = mnist.on_after_batch_transfer(
+        (mnist.train_set.images[:10_000], mnist.train_set.labels[:10_000]), 0
+    )
     assert images.dtype == torch.float32
     assert abs(images.mean().item()) < 0.02
     assert abs(images.std().item() - 1) < 0.02

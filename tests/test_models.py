@@ -24,7 +24,9 @@ def test_every_backbone_builds_from_its_config_and_classifies_digits(option):
 
 
 def test_adapter_that_does_not_fit_the_backbone_is_named():
-    with pytest.raises(ConfigError, match=r"task.model.adapter.in_features=2048 .* set task.model.adapter.in_features=512"):
+    with pytest.raises(
+        ConfigError, match=r"task.model.adapter.in_features=2048 .* set task.model.adapter.in_features=512"
+    ):
         SimpleModel(backbones.ResNet18(), LinearAdapter(2048, 10), IdentityHead())
 
 

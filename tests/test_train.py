@@ -61,7 +61,9 @@ def test_missing_pretrained_weights_stop_before_training(tmp_path, mnist_dir):
     )
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: task.model.backbone.pretrained=true but the ImageNet weights could not be downloaded")
+    assert last.startswith(
+        "error: task.model.backbone.pretrained=true but the ImageNet weights could not be downloaded"
+    )
     assert "task.model.backbone.pretrained=false" in last
     assert str(tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in last
     assert "Traceback" not in result.stdout + result.stderr
