@@ -14,12 +14,13 @@ FEATURES = 512
 
 
 class ResNetBackbone(nn.Module):
-    """A torchvision ResNet with a one-channel stem, no max-pool and no classifier.
+    """A torchvision ResNet with a one-channel stem and no classifier.
 
-    The 7x7/2 stem is kept so ImageNet weights still fit (their three input channels are summed
-    into one, as timm does for grayscale); the max-pool is dropped because a 28x28 digit would
-    shrink to 7x7 before the first residual block. Wider trunks (ResNet50: 2048) are projected
-    to 512 features by a linear layer.
+    The rest is torchvision's network unchanged, so ImageNet weights fit (their three input
+    channels are summed into one, as timm does for grayscale). A 28x28 digit reaches the first
+    residual block at 7x7; dropping the max-pool to keep 14x14 there made training 3x slower on
+    CPU (bench/compute.py) for no accuracy the experiments needed. Wider trunks (ResNet50: 2048)
+    are projected to 512 features by a linear layer.
     """
 
     out_features = FEATURES
@@ -34,7 +35,6 @@ class ResNetBackbone(nn.Module):
             net.load_state_dict(imagenet_state_dict(weights))
             stem.weight = nn.Parameter(net.conv1.weight.detach().sum(dim=1, keepdim=True))
         net.conv1 = stem
-        net.maxpool = nn.Identity()
         width = net.fc.in_features
         net.fc = nn.Identity() if width == FEATURES else nn.Linear(width, FEATURES)
         self.net = net

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from pytorch_lightning.accelerators import CUDAAccelerator
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
@@ -46,6 +47,7 @@ class MNISTDataModule(pl.LightningDataModule):
 
     Batches are `(uint8 images (B, 1, 28, 28), int64 labels (B,))` until they reach the device,
     where `on_after_batch_transfer` normalises them, so the CPU only slices one tensor.
+    `augment=True` moves, turns and scales each training digit a little, a batch at a time.
     """
 
     def __init__(
@@ -55,6 +57,7 @@ class MNISTDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         drop_last: bool = True,
+        augment: bool = False,
     ) -> None:
         super().__init__()
         self.data_dir = Path(data_dir)
@@ -62,6 +65,7 @@ class MNISTDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.drop_last = drop_last
+        self.augment = augment
 
     @property
     def raw_dir(self) -> Path:
@@ -106,12 +110,28 @@ class MNISTDataModule(pl.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
         images, labels = batch
+        images = images.float()
+        if self.augment and self.trainer is not None and self.trainer.training:
+            images = random_affine(images)
         return normalize(images), labels
 
 
 def normalize(images: Tensor) -> Tensor:
-    """uint8 pixels in [0, 255] -> float32 with MNIST's mean 0 and standard deviation 1."""
+    """Pixels in [0, 255] (uint8 or float) -> float32 with MNIST's mean 0 and standard deviation 1."""
     return images.float().sub_(MEAN * 255).div_(STD * 255)
+
+
+def random_affine(images: Tensor, degrees: float = 10.0, shift: float = 0.1, scale: float = 0.1) -> Tensor:
+    """Each image of a float batch (B, 1, H, W) rotated by up to `degrees`, shifted by up to `shift`
+    of its size and scaled by 1 +- `scale`, in one `grid_sample` call; the border stays black."""
+    batch = images.shape[0]
+    angle = torch.empty(batch, device=images.device).uniform_(-degrees, degrees).deg2rad_()
+    zoom = torch.empty(batch, device=images.device).uniform_(1 - scale, 1 + scale)
+    offset = torch.empty(batch, 2, device=images.device).uniform_(-2 * shift, 2 * shift)  # grid spans [-1, 1]
+    cos, sin = angle.cos() / zoom, angle.sin() / zoom
+    theta = torch.stack([torch.stack([cos, -sin, offset[:, 0]], 1), torch.stack([sin, cos, offset[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, align_corners=False)
 
 
 class InMemoryDigits(Dataset):

@@ -1,10 +1,13 @@
 """Tasks: LightningModules that train a model on a problem."""
 
+import inspect
 from collections.abc import Callable
+from typing import Any
 
 import pytorch_lightning as pl
 from torch import Tensor, nn
 from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics.classification import MulticlassAccuracy
 
 
@@ -12,7 +15,9 @@ class MNISTClassification(pl.LightningModule):
     """Ten-way digit classification: logs loss and accuracy under train/, val/ and test/.
 
     `optimizer` is Hydra's `_partial_` optimizer: everything but the parameters, which
-    `configure_optimizers` supplies.
+    `configure_optimizers` supplies. `scheduler`, also partial, is stepped every batch; a
+    schedule that needs `total_steps` (OneCycleLR) gets the trainer's count. `compile=True`
+    compiles the model with `torch.compile` (bench/compute.py shows where that pays).
     """
 
     def __init__(
@@ -20,10 +25,15 @@ class MNISTClassification(pl.LightningModule):
         model: nn.Module,
         optimizer: Callable[..., Optimizer],
         loss_function: nn.Module,
+        scheduler: Callable[..., LRScheduler] | None = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
+        if compile:
+            model.compile()  # in place, so checkpoints keep the plain parameter names
         self.model = model
         self.optimizer = optimizer
+        self.scheduler = scheduler
         self.loss_function = loss_function
         self.train_acc = MulticlassAccuracy(num_classes=10, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=10, average="micro")
@@ -54,5 +64,14 @@ class MNISTClassification(pl.LightningModule):
         self.log(f"{stage}/loss", self.loss_function(logits, y), prog_bar=True)
         self.log(f"{stage}/acc", accuracy, prog_bar=True)
 
-    def configure_optimizers(self) -> Optimizer:
-        return self.optimizer(self.parameters())
+    def configure_optimizers(self) -> Optimizer | dict[str, Any]:
+        optimizer = self.optimizer(self.parameters())
+        if self.scheduler is None:
+            return optimizer
+        wanted = inspect.signature(self.scheduler).parameters
+        given = getattr(self.scheduler, "keywords", {})
+        extra = {}
+        if "total_steps" in wanted and "total_steps" not in given:
+            extra["total_steps"] = self.trainer.estimated_stepping_batches
+        scheduler = self.scheduler(optimizer, **extra)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -12,6 +12,7 @@ torch and Lightning are imported inside `train`, so printing a config or --help 
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -78,7 +79,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         logger=CSVLogger(output_dir, name="", version=""),
     )
 
+    started = time.perf_counter()
     trainer.fit(task, datamodule=datamodule)
+    fit_seconds = time.perf_counter() - started
     best = checkpoint.best_model_path or None  # None under fast_dev_run, which saves nothing
     test_metrics = trainer.test(task, datamodule=datamodule, ckpt_path=best)[0]
 
@@ -86,7 +89,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics.update(test_metrics)
     if checkpoint.best_model_score is not None:
         metrics["val/acc_best"] = float(checkpoint.best_model_score)
-    print(f"test accuracy: {metrics['test/acc']:.4f} ({best or 'last weights'})")
+    metrics["fit_seconds"] = fit_seconds
+    print(f"test accuracy: {metrics['test/acc']:.4f} ({best or 'last weights'}; fit took {fit_seconds:.0f} s)")
     return metrics
 
 

@@ -1,0 +1,13 @@
+"""The smallest @hydra.main app over the same configs/: the floor for train.py's start-up."""
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="config")
+def main(cfg: DictConfig) -> None:
+    pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+import pytest
+import pytorch_lightning as pl
+import torch
+from conftest import compose_config
+from hydra.utils import instantiate
+
+from data_modules import MNISTDataModule, random_affine
+
+
+@pytest.mark.parametrize("experiment", ["mnist_99", "mnist_995"])
+def test_experiments_compose_onto_the_spec_config(experiment):
+    cfg = compose_config(f"+experiment={experiment}", "trainer=cpu")
+    assert cfg.task.optimizer._target_ == "torch.optim.AdamW"
+    assert cfg.task.scheduler._target_ == "torch.optim.lr_scheduler.OneCycleLR"
+    assert cfg.task.model.backbone._target_ == "backbones.ResNet18"
+    assert cfg.trainer.accelerator == "cpu"  # the experiment leaves the hardware to the user
+    instantiate(cfg.task)
+
+
+def test_one_cycle_schedule_gets_the_trainers_step_count(mnist_dir):
+    cfg = compose_config("+experiment=mnist_99", "trainer=cpu", "data_module.batch_size=8")
+    task = instantiate(cfg.task)
+    datamodule = instantiate(cfg.data_module, data_dir=str(mnist_dir))
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        limit_train_batches=3,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(task, datamodule=datamodule)
+    scheduler = trainer.lr_scheduler_configs[0]
+    assert isinstance(scheduler.scheduler, torch.optim.lr_scheduler.OneCycleLR)
+    assert scheduler.scheduler.total_steps == 6
+    assert scheduler.interval == "step"
+    assert scheduler.scheduler.last_epoch == 6  # stepped once a batch
+
+
+def test_random_affine_moves_each_digit_and_keeps_the_border_black():
+    torch.manual_seed(0)
+    images = torch.zeros(8, 1, 28, 28)
+    images[:, :, 10:18, 12:16] = 255.0
+    moved = random_affine(images)
+    assert moved.shape == images.shape
+    assert not torch.equal(moved[0], moved[1])  # each image gets its own transform
+    assert moved[:, :, 0, :].abs().max() == 0  # nothing bleeds in from outside
+    assert moved.sum() == pytest.approx(images.sum(), rel=0.25)  # the digit stays in view
+
+
+def test_augmentation_applies_to_training_batches_only(mnist_dir):
+    datamodule = MNISTDataModule(data_dir=str(mnist_dir), augment=True)
+    datamodule.setup()
+    batch = (datamodule.test_set.images[:16], datamodule.test_set.labels[:16])
+    trainer = pl.Trainer(accelerator="cpu", logger=False)
+    datamodule.trainer = trainer
+    trainer.state.stage = "validate"
+    plain = datamodule.on_after_batch_transfer(batch, 0)[0]
+    trainer.state.stage = "train"
+    augmented = datamodule.on_after_batch_transfer(batch, 0)[0]
+    assert not torch.equal(plain, augmented)
+    assert not torch.equal(augmented, datamodule.on_after_batch_transfer(batch, 0)[0])  # fresh each time
+    trainer.state.stage = "validate"
+    assert torch.equal(plain, datamodule.on_after_batch_transfer(batch, 0)[0])
+
+
+def test_compile_switch_compiles_in_place_and_keeps_parameter_names():
+    cfg = compose_config("task.model.backbone.pretrained=false", "+task.compile=true")
+    task = instantiate(cfg.task)
+    assert task.model._compiled_call_impl is not None
+    assert all(not name.startswith("_orig_mod") for name in task.state_dict())
