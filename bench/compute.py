@@ -79,7 +79,10 @@ def main() -> None:
         for variant in args.variants:
             model, optimizer = build(backbone, variant)
             model.to(args.device)
-            runs[variant] = {mode: step_fn(model, optimizer, variant, images, labels, mode == "train") for mode in ("train", "eval")}
+            runs[variant] = {
+                mode: step_fn(model, optimizer, variant, images, labels, train=mode == "train")
+                for mode in ("train", "eval")
+            }
             for run in runs[variant].values():  # warm up (and compile)
                 run()
                 run()

@@ -47,8 +47,9 @@ def main() -> None:
     print(describe())
     torch.manual_seed(0)
 
+    to_normalised_tensor = transforms.Compose([transforms.ToTensor(), transforms.Normalize((MEAN,), (STD,))])
     reference = DataLoader(
-        MNIST(args.data_dir, train=True, transform=transforms.Compose([transforms.ToTensor(), transforms.Normalize((MEAN,), (STD,))])),
+        MNIST(args.data_dir, train=True, transform=to_normalised_tensor),
         batch_size=args.batch_size,
         shuffle=True,
         drop_last=True,
@@ -70,7 +71,8 @@ def main() -> None:
     for workers, (loader, to_batch) in ours.items():
         # Measure a batch count the in-memory loader needs long enough to time well.
         rates[workers] = batches_per_second(loader, to_batch, 100 * args.batches)
-        print(f"{'MNISTDataModule, num_workers=' + str(workers):38} {rates[workers]:10.0f} {rates[workers] / reference_rate:14.1f}")
+        name = f"MNISTDataModule, num_workers={workers}"
+        print(f"{name:38} {rates[workers]:10.0f} {rates[workers] / reference_rate:14.1f}")
 
     print("\nwhole training epoch (55,000 images), worker start-up included")
     print(f"{'loader':38} {'seconds':>10}")

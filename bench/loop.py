@@ -11,6 +11,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from functools import partial
 
 import pytorch_lightning as pl
 import torch
@@ -29,7 +30,8 @@ from tasks import MNISTClassification
 def new_task() -> MNISTClassification:
     torch.manual_seed(0)
     model = SimpleModel(ResNet18(), LinearAdapter(512, 10), IdentityHead())
-    return MNISTClassification(model, lambda params: torch.optim.Adam(params, lr=5e-5, weight_decay=0.2), CrossEntropyLoss())
+    optimizer = partial(torch.optim.Adam, lr=5e-5, weight_decay=0.2)  # the spec's adam.yaml
+    return MNISTClassification(model, optimizer, CrossEntropyLoss())
 
 
 def bare(batches) -> float:

@@ -18,6 +18,10 @@ from bench.machine import describe
 TRAIN_IMAGES = 55_000
 
 
+def cell(seconds: float, base: float) -> str:
+    return f"{seconds:8.0f} ({seconds / base:4.1f}x)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[64, 128, 256, 512])
@@ -46,7 +50,7 @@ def main() -> None:
     print(f"{'batch':>6} " + " ".join(f"{b:>16}" for b in args.backbones))
     for batch_size in args.batch_sizes:
         base = seconds[args.backbones[0], batch_size]
-        cells = " ".join(f"{seconds[b, batch_size]:8.0f} ({seconds[b, batch_size] / base:4.1f}x)" for b in args.backbones)
+        cells = " ".join(cell(seconds[b, batch_size], base) for b in args.backbones)
         print(f"{batch_size:6d} {cells}")
 
 

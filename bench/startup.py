@@ -1,6 +1,6 @@
 """Start-up of `train.py --cfg job` and `--help` against a bare @hydra.main app on the same configs.
 
-    python -m bench.startup            # 15 interleaved rounds
+python -m bench.startup            # 15 interleaved rounds
 """
 
 import argparse
