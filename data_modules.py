@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_lightning.accelerators import CUDAAccelerator
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 from torchvision.datasets import MNIST
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
@@ -48,6 +48,10 @@ class MNISTDataModule(pl.LightningDataModule):
     Batches are `(uint8 images (B, 1, 28, 28), int64 labels (B,))` until they reach the device,
     where `on_after_batch_transfer` normalises them, so the CPU only slices one tensor.
     `augment=True` moves, turns and scales each training digit a little, a batch at a time.
+
+    `num_workers` starts no processes here: with the set in memory a worker has nothing to load,
+    and shipping its batches back through shared memory made an epoch 14x slower
+    (bench/data.py), so batches are always cut in the main process.
     """
 
     def __init__(
@@ -62,7 +66,7 @@ class MNISTDataModule(pl.LightningDataModule):
         super().__init__()
         self.data_dir = Path(data_dir)
         self.batch_size = batch_size
-        self.num_workers = num_workers
+        self.num_workers = num_workers  # see the class docstring: not used for the in-memory set
         self.pin_memory = pin_memory
         self.drop_last = drop_last
         self.augment = augment
@@ -97,13 +101,10 @@ class MNISTDataModule(pl.LightningDataModule):
 
     def _loader(self, dataset: "InMemoryDigits", shuffle: bool = False, drop_last: bool = False) -> DataLoader:
         on_gpu = self.trainer is not None and isinstance(self.trainer.accelerator, CUDAAccelerator)
+        order = RandomSampler(dataset) if shuffle else SequentialSampler(dataset)
         return DataLoader(
             dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            drop_last=drop_last,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            batch_sampler=IndexTensorBatchSampler(order, self.batch_size, drop_last),
             pin_memory=self.pin_memory and on_gpu,
             collate_fn=InMemoryDigits.collate,
         )
@@ -148,13 +149,27 @@ class InMemoryDigits(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         return self.images[index], self.labels[index]
 
-    def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor]:
+    def __getitems__(self, indices: Tensor | list[int]) -> tuple[Tensor, Tensor]:
         index = torch.as_tensor(indices)
         return self.images[index], self.labels[index]
 
     @staticmethod
     def collate(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         return batch
+
+
+class IndexTensorBatchSampler(BatchSampler):
+    """A BatchSampler that reads its sampler's order once an epoch (one permutation when
+    shuffling) and yields slices of it as index tensors, instead of building a list of ints per
+    batch. Lightning can still swap in a DistributedSampler: it rebuilds batch samplers from
+    (sampler, batch_size, drop_last)."""
+
+    def __iter__(self) -> Iterator[Tensor]:
+        order = torch.as_tensor(list(self.sampler))
+        batches = order.split(self.batch_size)
+        if self.drop_last and len(order) % self.batch_size:
+            batches = batches[:-1]
+        yield from batches
 
 
 def prepare_mnist(raw_dir: Path) -> None:

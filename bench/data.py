@@ -3,7 +3,7 @@
     python -m bench.data                 # needs ./data/mnist (python train.py prepares it)
 
 Both give normalised float batches of the same size from the same files, shuffled, in one
-process; then the data module again with the spec's worker counts.
+process; the data module is also run with the spec's num_workers values, which must not slow it.
 """
 
 import argparse

@@ -81,3 +81,18 @@ def test_batches_are_normalised_after_transfer(mnist):
     assert images.dtype == torch.float32
     assert abs(images.mean().item()) < 0.02
     assert abs(images.std().item() - 1) < 0.02
+
+
+def test_an_epoch_visits_every_training_image_once(mnist_dir):
+    datamodule = MNISTDataModule(data_dir=str(mnist_dir), batch_size=1000, drop_last=False)
+    datamodule.setup()
+    order = torch.cat([index for index in datamodule.train_dataloader().batch_sampler])
+    assert torch.equal(order.sort().values, torch.arange(55_000))
+    assert len(datamodule.train_dataloader()) == 55
+
+
+def test_worker_processes_are_not_started_for_the_in_memory_set(mnist_dir):
+    datamodule = MNISTDataModule(data_dir=str(mnist_dir), num_workers=8)
+    datamodule.setup()
+    assert datamodule.train_dataloader().num_workers == 0
+    assert datamodule.test_dataloader().num_workers == 0
