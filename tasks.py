@@ -5,10 +5,13 @@ from collections.abc import Callable
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics.classification import MulticlassAccuracy
+
+from validation import ConfigError
 
 
 class MNISTClassification(pl.LightningModule):
@@ -38,6 +41,9 @@ class MNISTClassification(pl.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes=10, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=10, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=10, average="micro")
+        # The first step whose loss was nan or inf, -1 if none. It stays on the device: reading it on
+        # the host every step would stall a GPU's queue, so `stop_if_diverged` reads it every log step.
+        self.register_buffer("first_nonfinite_step", torch.tensor(-1), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
@@ -49,7 +55,29 @@ class MNISTClassification(pl.LightningModule):
         self.train_acc.update(logits, y)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        unseen = self.first_nonfinite_step < 0
+        self.first_nonfinite_step = torch.where(
+            ~loss.detach().isfinite() & unseen, self.global_step, self.first_nonfinite_step
+        )
         return loss
+
+    def on_train_batch_end(self, outputs: object, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        if self.global_step % self.trainer.log_every_n_steps == 0:
+            self.stop_if_diverged()
+
+    def on_train_epoch_end(self) -> None:
+        self.stop_if_diverged()
+
+    def stop_if_diverged(self) -> None:
+        step = int(self.first_nonfinite_step)
+        if step < 0:
+            return
+        lr = getattr(self.optimizer, "keywords", {}).get("lr")
+        setting, fix = (f"task.optimizer.lr={lr}: ", f"task.optimizer.lr={lr / 10:g}") if lr else ("", "a lower lr")
+        raise ConfigError(
+            f"{setting}the training loss became nan or inf at step {step}, so the learning rate is likely too "
+            f"high (or a batch holds bad values); fix: {fix}"
+        )
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "val", self.val_acc)

