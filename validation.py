@@ -95,6 +95,9 @@ RULES: dict[str, Rule] = {
     "task.optimizer._partial_": Rule(
         "true, since the task passes the model's parameters to the optimizer", lambda v: v is True, "true"
     ),
+    "task.scheduler.max_lr": Rule("a finite number > 0", lambda v: is_number(v) and v > 0, "0.003"),
+    "task.loss_function.label_smoothing": Rule("a number in [0.0, 1.0)", lambda v: is_number(v) and 0 <= v < 1, "0.1"),
+    "task.compile": flag("false"),
     "task.model.backbone.pretrained": flag("false"),
     "task.model.adapter.in_features": whole(1, "512"),
     "task.model.adapter.out_features": Rule("10, one logit per digit", lambda v: is_int(v) and v == 10, "10"),
@@ -102,6 +105,7 @@ RULES: dict[str, Rule] = {
     "data_module.num_workers": whole(0, "0", " (0 loads batches in the main process)"),
     "data_module.pin_memory": flag("false"),
     "data_module.drop_last": flag("true"),
+    "data_module.augment": flag("false"),
     "data_module.data_dir": Rule("a folder path", lambda v: isinstance(v, str) and bool(v.strip()), "./data/mnist"),
     "trainer.max_epochs": Rule(
         "a whole number >= 1, or -1 for no limit", lambda v: is_int(v) and (v >= 1 or v == -1), "10"
