@@ -161,10 +161,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if previous is not None and previous["status"] == "completed":
             print(f"job {hydra_cfg.job.num} finished before ({output_dir / 'run.json'}); skipping it")
             return previous["metrics"]
-        last = output_dir / "checkpoints" / "last.ckpt"
-        if ckpt_path is None and last.is_file():
-            log.info("Resuming job %s from %s", hydra_cfg.job.num, last)
-            ckpt_path = str(last)
+        interrupted = output_dir / "checkpoints" / "last.ckpt"
+        if ckpt_path is None and interrupted.is_file():
+            log.info("Resuming job %s from %s", hydra_cfg.job.num, interrupted)
+            ckpt_path = str(interrupted)
     # A run without a seed draws one and records it, so any run can be repeated.
     seed = cfg.seed if cfg.get("seed") is not None else secrets.randbelow(2**31)
     record = {"overrides": overrides, "seed": seed, "status": "running"}
@@ -184,14 +184,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
         auto_insert_metric_name=False,
         monitor="val/acc",
         mode="max",
-        save_last=True,
     )
+    # Lightning 2.6's save_last writes last.ckpt only in epochs that improve the best, so a resume
+    # could lose epochs; this second callback rewrites last.ckpt after every epoch.
+    last = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="last", enable_version_counter=False)
     history = History()
     trainer = instantiate(
         cfg.trainer,
         default_root_dir=str(output_dir),
         callbacks=[
             checkpoint,
+            last,
             history,
             RunState(cfg, overrides, seed),
             ConfusionMatrixPlot(output_dir / "confusion_matrix.png"),
