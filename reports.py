@@ -29,8 +29,9 @@ from rich.table import Table
 from rich.tree import Tree
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-matplotlib.use("Agg")  # runs write files and never open windows
-import matplotlib.pyplot as plt  # noqa: E402
+# Runs write image files and never open windows. pyplot is imported where a figure is drawn: its
+# first import builds a font cache and says so on stderr, which would precede a config error.
+matplotlib.use("Agg")
 
 RECORD = "run.json"
 SUMMARY_COLUMNS = [
@@ -157,6 +158,8 @@ class ConfusionMatrixPlot(pl.Callback):
             self.matrix.update(pl_module(images), labels)
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        import matplotlib.pyplot as plt
+
         fig, ax = self.matrix.plot(labels=[str(d) for d in range(10)])
         ax.set_title("Confusion matrix (test set)")
         fig.savefig(self.path, dpi=120, bbox_inches="tight")
@@ -164,6 +167,8 @@ class ConfusionMatrixPlot(pl.Callback):
 
 
 def save_learning_curve(epochs: list[dict[str, float]], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
     for ax, metric in ((loss_ax, "loss"), (acc_ax, "acc")):
         for stage in ("train", "val"):
@@ -226,6 +231,8 @@ def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
 
 def save_comparison(rows: list[dict[str, Any]], path: Path) -> None:
     """Bars of best validation and test accuracy, one pair per job."""
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4.5))
     width = 0.4
     for offset, column in ((-width / 2, "best val acc"), (width / 2, "test acc")):
