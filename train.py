@@ -5,8 +5,13 @@
     python train.py task.optimizer.lr=0.001 data_module.batch_size=128 # change values
     python train.py -m task.model.backbone=resnet18,resnet34,resnet50  # one run per backbone
     python train.py --cfg job                                          # print the composed config
+    python train.py trainer=cpu seed=3                                 # a repeatable CPU run
+    python train.py ckpt_path=last                                     # continue the newest run
+    python train.py -m hparams_search=mnist_optuna                     # Optuna search on val/acc
 
 torch and Lightning are imported inside `train`, so printing a config or --help stays instant.
+`seed` and `ckpt_path` are not in configs/config.yaml (its `--cfg job` output is the spec's); the
+command line adds them (`seed=3` is read as Hydra's `++seed=3`).
 """
 
 import logging
@@ -24,14 +29,18 @@ log = logging.getLogger(__name__)
 
 PROJECT_DIR = Path(__file__).resolve().parent
 CONFIG_DIR = PROJECT_DIR / "configs"
+RUN_KEYS = ("seed", "ckpt_path")
+# Where Hydra puts runs and sweeps by default, relative to the folder a run starts in.
+RUN_ROOTS = (Path("outputs"), Path("multirun"))
 
 
-def group_overrides(args: list[str], config_dir: Path = CONFIG_DIR) -> list[str]:
-    """Spell `task.model.backbone=resnet50` as Hydra's `task/model/backbone=resnet50`.
+def group_overrides(args: list[str], config_dir: Path = CONFIG_DIR, run_keys: tuple[str, ...] = RUN_KEYS) -> list[str]:
+    """Spell `task.model.backbone=resnet50` as Hydra's `task/model/backbone=resnet50`, `seed=3` as `++seed=3`.
 
     The spec selects config-group options with dots; plain Hydra would read that as "replace
     the backbone node with the string 'resnet50'". Only keys that name a folder under configs/
     are rewritten, so value overrides such as `task.optimizer.lr=0.001` are left as they are.
+    `run_keys` are absent from config.yaml, and `++` adds them.
     """
     rewritten = []
     for arg in args:
@@ -40,24 +49,129 @@ def group_overrides(args: list[str], config_dir: Path = CONFIG_DIR) -> list[str]
         prefix = key[: len(key) - len(name)]
         if equals and "." in name and "/" not in name and (config_dir / name.replace(".", "/")).is_dir():
             arg = f"{prefix}{name.replace('.', '/')}={value}"
+        elif equals and not prefix and name in run_keys:
+            arg = f"++{name}={value}"
         rewritten.append(arg)
     return rewritten
 
 
+def override_key(arg: str) -> str | None:
+    """`+task/model/backbone=resnet50` -> `task.model.backbone`; None for options such as `-m`."""
+    key, equals, _ = arg.partition("=")
+    return key.lstrip("+~").replace("/", ".") if equals and not key.startswith("-") else None
+
+
+def merge_overrides(recorded: list[str], given: list[str]) -> list[str]:
+    """A run's recorded overrides, less `ckpt_path` and the keys `given` sets again, then `given`."""
+    replaced = {override_key(arg) for arg in given} | {"ckpt_path"}
+    return [arg for arg in recorded if override_key(arg) not in replaced] + given
+
+
+def find_last_checkpoint(roots: tuple[Path, ...] = RUN_ROOTS) -> Path | None:
+    """The most recently written `checkpoints/last.ckpt` of any run or sweep job under `roots`."""
+    found = [path for root in roots if root.is_dir() for path in root.glob("**/checkpoints/last.ckpt")]
+    return max(found, key=lambda path: path.stat().st_mtime, default=None)
+
+
+def resolve_checkpoint(value: str, roots: tuple[Path, ...] = RUN_ROOTS) -> Path:
+    """`ckpt_path=last` or a path, as an existing checkpoint file."""
+    if value == "last":
+        found = find_last_checkpoint(roots)
+        if found is None:
+            raise ConfigError(
+                f"ckpt_path=last but there is no checkpoints/last.ckpt under {' or '.join(map(str, roots))} "
+                "here; run from the project folder or give the file: ckpt_path=outputs/DATE/TIME/checkpoints/last.ckpt"
+            )
+        return found.resolve()
+    path = Path(value).expanduser().resolve()
+    if not path.is_file():
+        raise ConfigError(f"ckpt_path={value} is not a file; give a .ckpt file written by train.py, or ckpt_path=last")
+    return path
+
+
+def resume_overrides(args: list[str], roots: tuple[Path, ...] = RUN_ROOTS) -> list[str]:
+    """Make `ckpt_path=...` continue the run its checkpoint came from.
+
+    The checkpoint's run folder (the parent of `checkpoints/`) becomes this run's folder, and
+    that run's recorded overrides come first, so `python train.py ckpt_path=last` alone trains on
+    with the same config; overrides given now (`trainer.max_epochs=20`) replace recorded ones.
+    A sweep resumes by being run again into its folder, not with ckpt_path.
+    """
+    value = next((arg.partition("=")[2] for arg in args if override_key(arg) == "ckpt_path"), None)
+    if value is None or {"-m", "--multirun"} & set(args):
+        return args
+    path = resolve_checkpoint(value, roots)
+    given = [f"++ckpt_path={quoted(path)}" if override_key(arg) == "ckpt_path" else arg for arg in args]
+    run_dir = path.parent.parent
+    recorded = run_dir / ".hydra" / "overrides.yaml"
+    if path.parent.name != "checkpoints" or not recorded.is_file():
+        return given
+    from omegaconf import OmegaConf
+
+    run_dir_given = any(override_key(arg) == "hydra.run.dir" for arg in args)
+    run_dir_arg = [] if run_dir_given else [f"hydra.run.dir={quoted(run_dir)}"]
+    return merge_overrides(list(OmegaConf.load(recorded)), given) + run_dir_arg
+
+
+def quoted(path: Path) -> str:
+    """A path as a quoted Hydra override value, whatever characters it holds."""
+    return "'" + str(path).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit the configured task, test its best checkpoint, and return the metrics."""
+    """Fit the configured task, test its best checkpoint, and return the metrics.
+
+    In a sweep, a job whose folder records a finished run returns that run's metrics, and one that
+    left a `last.ckpt` continues from it: running a sweep again into its folder completes it.
+    """
     validate(cfg, PROJECT_DIR)
     check_accelerator(cfg.trainer)
 
+    import secrets
+
     import pytorch_lightning as pl
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
     from hydra.utils import instantiate
     from pytorch_lightning.callbacks import ModelCheckpoint
-    from pytorch_lightning.loggers import CSVLogger
 
-    output_dir = Path(HydraConfig.get().runtime.output_dir)
-    if cfg.get("seed") is not None:
-        pl.seed_everything(cfg.seed, workers=True)
+    from checkpoints import AtomicCheckpointIO, RunState
+    from reports import (
+        ConfusionMatrixPlot,
+        History,
+        build_loggers,
+        print_config,
+        progress_bar,
+        read_record,
+        save_learning_curve,
+        write_record,
+    )
+
+    started = time.perf_counter()
+    hydra_cfg = HydraConfig.get()
+    output_dir = Path(hydra_cfg.runtime.output_dir)
+    overrides = list(hydra_cfg.overrides.task)
+    ckpt_path = cfg.get("ckpt_path")
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        previous = read_record(output_dir)
+        if previous is not None and previous.get("overrides") != overrides:
+            raise ConfigError(
+                f"hydra.sweep.dir={hydra_cfg.sweep.dir} already holds job {hydra_cfg.job.num} with overrides "
+                f"{previous.get('overrides')}, not {overrides}; run the same sweep again or pick a new hydra.sweep.dir"
+            )
+        if previous is not None and previous["status"] == "completed":
+            print(f"job {hydra_cfg.job.num} finished before ({output_dir / 'run.json'}); skipping it")
+            return previous["metrics"]
+        interrupted = output_dir / "checkpoints" / "last.ckpt"
+        if ckpt_path is None and interrupted.is_file():
+            log.info("Resuming job %s from %s", hydra_cfg.job.num, interrupted)
+            ckpt_path = str(interrupted)
+    # A run without a seed draws one and records it, so any run can be repeated.
+    seed = cfg.seed if cfg.get("seed") is not None else secrets.randbelow(2**31)
+    record = {"overrides": overrides, "seed": seed, "status": "running"}
+    write_record(output_dir, record)
+    print_config(cfg, output_dir)
+    pl.seed_everything(seed, workers=True)
 
     log.info("Instantiating task <%s>", cfg.task._target_)
     task = instantiate(cfg.task)
@@ -71,18 +185,30 @@ def train(cfg: DictConfig) -> dict[str, float]:
         auto_insert_metric_name=False,
         monitor="val/acc",
         mode="max",
-        save_last=True,
     )
+    # Lightning 2.6's save_last writes last.ckpt only in epochs that improve the best, so a resume
+    # could lose epochs; this second callback rewrites last.ckpt after every epoch.
+    last = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="last", enable_version_counter=False)
+    history = History()
     trainer = instantiate(
         cfg.trainer,
         default_root_dir=str(output_dir),
-        callbacks=[checkpoint],
-        logger=CSVLogger(output_dir, name="", version=""),
+        callbacks=[
+            checkpoint,
+            last,
+            history,
+            RunState(cfg, overrides, seed),
+            ConfusionMatrixPlot(output_dir / "confusion_matrix.png"),
+            progress_bar(),
+        ],
+        logger=build_loggers(cfg.get("logger"), hydra_cfg.runtime.choices.get("logger"), output_dir),
+        plugins=[AtomicCheckpointIO()],
     )
 
-    started = time.perf_counter()
-    trainer.fit(task, datamodule=datamodule)
-    fit_seconds = time.perf_counter() - started
+    fit_started = time.perf_counter()
+    trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
+    fit_seconds = time.perf_counter() - fit_started
+    save_learning_curve(history.epochs, output_dir / "learning_curve.png")
     best = checkpoint.best_model_path or None  # None under fast_dev_run, which saves nothing
     test_metrics = trainer.test(task, datamodule=datamodule, ckpt_path=best, weights_only=True)[0]
 
@@ -91,6 +217,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if checkpoint.best_model_score is not None:
         metrics["val/acc_best"] = float(checkpoint.best_model_score)
     metrics["fit_seconds"] = fit_seconds
+    record.update(
+        status="completed",
+        params=sum(p.numel() for p in task.parameters()),
+        epochs=trainer.current_epoch,
+        metrics=metrics,
+        wall_time_s=time.perf_counter() - started,
+    )
+    write_record(output_dir, record)
     print(f"test accuracy: {metrics['test/acc']:.4f} ({best or 'last weights'}; fit took {fit_seconds:.0f} s)")
     return metrics
 
@@ -116,12 +250,12 @@ def config_error_in(err: BaseException | None) -> ConfigError | None:
 
 
 if __name__ == "__main__":
-    # Hydra would reject an unknown option too, but with exit code 1 and without the options.
-    if os.environ.get("HYDRA_FULL_ERROR") != "1":
-        try:
+    try:
+        # Hydra would reject an unknown option too, but with exit code 1 and without the options.
+        if os.environ.get("HYDRA_FULL_ERROR") != "1":
             check_group_choices(sys.argv[1:], CONFIG_DIR)
-        except ConfigError as err:
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(2)
-    sys.argv[1:] = group_overrides(sys.argv[1:])
+        sys.argv[1:] = resume_overrides(group_overrides(sys.argv[1:]))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     main()

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 import yaml
@@ -18,6 +20,15 @@ def test_fit_then_test_on_cpu_keeps_everything_in_the_run_directory(tmp_path, mn
     assert "test/acc" in (run_dir / "metrics.csv").read_text()
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     assert (run_dir / "train.log").is_file()
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert "data_module" in (run_dir / "config_tree.txt").read_text()
+    assert "task" in result.stdout.split("Instantiating")[0]  # the config tree comes first
+    assert "epoch 1/1 " in result.stdout  # plain progress lines: stdout is not a terminal
+    for picture in ("confusion_matrix.png", "learning_curve.png"):
+        assert (run_dir / picture).read_bytes().startswith(b"\x89PNG")
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "completed"
+    assert isinstance(record["seed"], int)  # drawn and recorded, so the run can be repeated
     assert not list(run_dir.rglob("*-ubyte"))  # the data stays in data_dir
 
 

@@ -1,0 +1,104 @@
+"""Checkpoints that survive a crash, carry their run's config and random state, and rebuild their task.
+
+A checkpoint written by `train.py` holds, besides Lightning's state: `config` (the composed config,
+resolved), `overrides` (the command-line overrides of its run) and `seed`. That is enough for
+`eval.py` and `predict.py` to rebuild the model without the run folder.
+"""
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from omegaconf import DictConfig, OmegaConf
+
+from validation import ConfigError
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file in the same folder, fsyncs it, then renames it.
+
+    `os.replace` within one file system is atomic, so a crash or a full disk mid-write leaves the
+    previous `last.ckpt` intact instead of a truncated file where a good one was.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
+        if storage_options is not None:
+            super().save_checkpoint(checkpoint, path, storage_options)  # raises: not supported
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(partial, 0o644)  # mkstemp makes files private; a checkpoint is shared like any output
+            os.replace(partial, path)
+        except BaseException:
+            Path(partial).unlink(missing_ok=True)
+            raise
+        # The rename itself lives in the folder's entry, which needs its own fsync to be durable.
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+
+class RunState(pl.Callback):
+    """Puts the run's config, overrides and seed in every checkpoint, and the random state.
+
+    Lightning restores weights, optimizer and loop counters but not the global random generators,
+    which draw each epoch's shuffle; restoring them makes a resumed CPU run end exactly where an
+    uninterrupted one does. States are stored as tensors and lists so `torch.load` can keep its
+    safe `weights_only` default.
+    """
+
+    def __init__(self, config: DictConfig, overrides: list[str], seed: int) -> None:
+        self.config = OmegaConf.to_container(config, resolve=True)
+        self.overrides = list(overrides)
+        self.seed = seed
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        checkpoint["config"] = self.config
+        checkpoint["overrides"] = self.overrides
+        checkpoint["seed"] = self.seed
+
+    def state_dict(self) -> dict[str, Any]:
+        name, keys, position, has_gauss, gauss = np.random.get_state()
+        return {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss],
+            "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        torch.set_rng_state(state_dict["torch"])
+        if state_dict["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state_dict["cuda"])
+        name, keys, position, has_gauss, gauss = state_dict["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+        version, internal, gauss_next = state_dict["python"]
+        random.setstate((version, tuple(internal), gauss_next))
+
+
+def load_task(path: str | Path) -> tuple[pl.LightningModule, dict[str, Any]]:
+    """The task saved in a checkpoint of `train.py`, in eval mode on the CPU, and the checkpoint."""
+    checkpoint = torch.load(path, map_location="cpu")
+    if "config" not in checkpoint:
+        raise ConfigError(f"ckpt_path={path} holds no run config; pass a checkpoint written by train.py")
+    task_cfg = OmegaConf.create(checkpoint["config"]["task"])
+    if "pretrained" in task_cfg.model.backbone:
+        # The weights come from the checkpoint; fetching ImageNet's first would be wasted (or fail offline).
+        task_cfg.model.backbone.pretrained = False
+    task = instantiate(task_cfg)
+    task.load_state_dict(checkpoint["state_dict"])
+    return task.eval(), checkpoint

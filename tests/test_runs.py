@@ -1,0 +1,166 @@
+"""Fast checks of the pieces behind resume, checkpoints, loggers, summaries and predict."""
+
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+import checkpoints
+from checkpoints import AtomicCheckpointIO
+from predict import to_mnist
+from reports import build_loggers, summary_rows, write_record, write_summary
+from train import find_last_checkpoint, group_overrides, merge_overrides, resolve_checkpoint, resume_overrides
+from validation import ConfigError
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("seed=3", "++seed=3"),
+        ("ckpt_path=last", "++ckpt_path=last"),
+        ("++seed=3", "++seed=3"),
+        ("inputs=x", "inputs=x"),
+    ],
+)
+def test_run_keys_absent_from_config_yaml_are_added_with_plus_plus(given, expected):
+    assert group_overrides([given]) == [expected]
+
+
+def make_checkpoint(path, mtime):
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"x")
+    os.utime(path, (mtime, mtime))
+    return path
+
+
+def test_ckpt_path_last_is_the_newest_last_ckpt_of_any_run_or_sweep_job(tmp_path):
+    now = time.time()
+    make_checkpoint(tmp_path / "outputs" / "2024-01-01" / "10-00-00" / "checkpoints" / "last.ckpt", now - 60)
+    newest = make_checkpoint(tmp_path / "multirun" / "2024-01-01" / "11-00-00" / "1" / "checkpoints" / "last.ckpt", now)
+    make_checkpoint(tmp_path / "outputs" / "2024-01-02" / "09-00-00" / "checkpoints" / "epoch00.ckpt", now + 60)
+
+    roots = (tmp_path / "outputs", tmp_path / "multirun")
+    assert find_last_checkpoint(roots) == newest
+    assert resolve_checkpoint("last", roots) == newest.resolve()
+
+
+def test_ckpt_path_last_without_runs_names_the_fix(tmp_path):
+    with pytest.raises(ConfigError, match=r"ckpt_path=last .* ckpt_path=outputs/DATE/TIME/checkpoints/last.ckpt"):
+        resolve_checkpoint("last", (tmp_path / "outputs",))
+    with pytest.raises(ConfigError, match=r"ckpt_path=nowhere.ckpt is not a file"):
+        resolve_checkpoint("nowhere.ckpt")
+
+
+def test_resume_recalls_the_runs_overrides_and_folder_and_lets_new_ones_win(tmp_path):
+    run_dir = tmp_path / "run"
+    ckpt = make_checkpoint(run_dir / "checkpoints" / "last.ckpt", time.time())
+    (run_dir / ".hydra").mkdir()
+    (run_dir / ".hydra" / "overrides.yaml").write_text(
+        "- trainer=cpu\n- trainer.max_epochs=1\n- +trainer.limit_train_batches=3\n- ++seed=7\n- ++ckpt_path=old.ckpt\n"
+    )
+
+    args = resume_overrides([f"++ckpt_path={ckpt}", "trainer.max_epochs=2", "+trainer.limit_train_batches=5"])
+
+    assert args == [
+        "trainer=cpu",
+        "++seed=7",
+        f"++ckpt_path='{ckpt}'",
+        "trainer.max_epochs=2",
+        "+trainer.limit_train_batches=5",
+        f"hydra.run.dir='{run_dir}'",
+    ]
+
+
+def test_merge_overrides_treats_both_group_spellings_as_one_key():
+    assert merge_overrides(["task/model/backbone=resnet34"], ["task.model.backbone=resnet50"]) == [
+        "task.model.backbone=resnet50"
+    ]
+
+
+def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_intact(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"epoch": 1}, path)
+
+    def crash_before_the_data_is_on_disk(fd):
+        raise OSError("No space left on device")
+
+    # The new checkpoint is fully written but not yet flushed to disk when the "crash" comes.
+    monkeypatch.setattr(checkpoints.os, "fsync", crash_before_the_data_is_on_disk)
+    with pytest.raises(OSError, match="No space left"):
+        io.save_checkpoint({"epoch": 2}, path)
+
+    assert torch.load(path) == {"epoch": 1}
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]  # no partial file left behind
+
+
+def test_loggers_default_to_csv_and_tensorboard_and_none_means_none(tmp_path):
+    default = build_loggers(None, None, tmp_path)
+    assert [type(logger) for logger in default] == [CSVLogger, TensorBoardLogger]
+    assert build_loggers({}, "none", tmp_path) == []
+    csv_only = build_loggers(
+        {"csv": {"_target_": "pytorch_lightning.loggers.CSVLogger", "name": "", "version": ""}}, "csv", tmp_path
+    )
+    assert [type(logger) for logger in csv_only] == [CSVLogger]
+    assert csv_only[0].log_dir.rstrip("/") == str(tmp_path)
+
+
+def test_summary_rows_mark_a_job_that_never_ended_as_interrupted(tmp_path):
+    write_record(
+        tmp_path / "0",
+        {
+            "overrides": ["task.optimizer.lr=0.01"],
+            "status": "completed",
+            "params": 10,
+            "epochs": 3,
+            "metrics": {"val/acc_best": 0.9, "test/acc": 0.89},
+            "wall_time_s": 12.34,
+        },
+    )
+    write_record(tmp_path / "1", {"overrides": ["task.optimizer.lr=0.1"], "status": "running"})
+    (tmp_path / "10").mkdir()  # a job that died before writing anything
+    (tmp_path / ".submitit").mkdir()
+
+    rows = write_summary(tmp_path)
+
+    assert [(row["job"], row["status"]) for row in rows] == [(0, "completed"), (1, "interrupted"), (10, "interrupted")]
+    assert rows[0]["test acc"] == 0.89
+    assert rows[0]["wall time (s)"] == 12.3
+    assert summary_rows(tmp_path) == rows
+    assert (tmp_path / "summary.md").read_text().count("\n") == 5
+    assert (tmp_path / "comparison.png").stat().st_size > 0
+
+
+def mnist_like_digit() -> np.ndarray:
+    digit = np.zeros((28, 28), dtype=np.uint8)
+    digit[6:22, 12:16] = 255  # a "1", off centre
+    digit[6:9, 9:12] = 200
+    return digit
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA"])
+def test_images_are_converted_as_mnist_was_made(mode):
+    light_on_dark = Image.fromarray(np.kron(mnist_like_digit(), np.ones((5, 3), dtype=np.uint8)))  # 140x84, stretched
+    dark_on_light = Image.fromarray(255 - np.asarray(light_on_dark)).convert(mode)
+
+    for image in (light_on_dark, dark_on_light):
+        pixels = to_mnist(image)
+        assert pixels.shape == (28, 28)
+        assert pixels.dtype == np.uint8
+        rows, cols = np.nonzero(pixels > 25)
+        assert max(np.ptp(rows), np.ptp(cols)) + 1 <= 20  # the digit fits in 20x20
+        assert np.ptp(rows) + 1 >= 19  # and fills it along its longer side
+        mass = pixels.astype(float)
+        centre = (mass.sum(1) @ np.arange(28) / mass.sum(), mass.sum(0) @ np.arange(28) / mass.sum())
+        assert centre == pytest.approx((14, 14), abs=0.75)
+        assert pixels[0].max() == 0  # black background
+    np.testing.assert_array_equal(to_mnist(light_on_dark), to_mnist(dark_on_light))
+
+
+def test_a_blank_image_is_refused():
+    with pytest.raises(ValueError, match="blank"):
+        to_mnist(Image.new("L", (50, 50), 255))
