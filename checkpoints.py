@@ -7,6 +7,7 @@ resolved), `overrides` (the command-line overrides of its run) and `seed`. That 
 
 import os
 import random
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import torch
 from hydra.utils import instantiate
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from validation import ConfigError
 
@@ -50,6 +52,30 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.fsync(folder)
         finally:
             os.close(folder)
+
+
+class SaveOnInterrupt(pl.Callback):
+    """Ctrl-C or SIGTERM (what a cluster scheduler sends before it kills a job) while fitting:
+    write `last.ckpt` where the run stands, so `ckpt_path=last` continues it.
+
+    Lightning stops at the end of the current batch and then calls `on_exception`. Other
+    exceptions (a nan loss, a bug) save nothing: their weights are not worth resuming from.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, KeyboardInterrupt | SIGTERMException) or trainer.state.fn != "fit":
+            return
+        trainer.save_checkpoint(self.path)
+        if trainer.is_global_zero:
+            signal = "SIGTERM" if isinstance(exception, SIGTERMException) else "Ctrl-C"
+            print(
+                f"{signal} at epoch {trainer.current_epoch}, step {trainer.global_step}: saved {self.path}; "
+                f"continue with: python train.py ckpt_path={self.path}",
+                file=sys.stderr,
+            )
 
 
 class RunState(pl.Callback):

@@ -134,8 +134,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from hydra.types import RunMode
     from hydra.utils import instantiate
     from pytorch_lightning.callbacks import ModelCheckpoint
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-    from checkpoints import AtomicCheckpointIO, RunState
+    from checkpoints import AtomicCheckpointIO, RunState, SaveOnInterrupt
     from reports import (
         ConfusionMatrixPlot,
         History,
@@ -198,6 +199,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             last,
             history,
             RunState(cfg, overrides, seed),
+            SaveOnInterrupt(output_dir / "checkpoints" / "last.ckpt"),
             ConfusionMatrixPlot(output_dir / "confusion_matrix.png"),
             progress_bar(),
         ],
@@ -206,7 +208,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     )
 
     fit_started = time.perf_counter()
-    trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SystemExit as stop:  # how Lightning leaves after Ctrl-C or SIGTERM; SaveOnInterrupt has saved
+        write_record(output_dir, {**record, "status": "interrupted", "wall_time_s": time.perf_counter() - started})
+        raise SystemExit(143 if isinstance(stop, SIGTERMException) else 130) from stop
     fit_seconds = time.perf_counter() - fit_started
     save_learning_curve(history.epochs, output_dir / "learning_curve.png")
     best = checkpoint.best_model_path or None  # None under fast_dev_run, which saves nothing
