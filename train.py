@@ -9,10 +9,12 @@
 torch and Lightning are imported inside `train`, so printing a config or --help stays instant.
 """
 
+import contextlib
 import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import hydra
@@ -80,18 +82,62 @@ def train(cfg: DictConfig) -> dict[str, float]:
     )
 
     started = time.perf_counter()
-    trainer.fit(task, datamodule=datamodule)
-    fit_seconds = time.perf_counter() - started
-    best = checkpoint.best_model_path or None  # None under fast_dev_run, which saves nothing
-    test_metrics = trainer.test(task, datamodule=datamodule, ckpt_path=best)[0]
+    with ddp_ranks_run_this_job():
+        trainer.fit(task, datamodule=datamodule)
+        fit_seconds = time.perf_counter() - started
+        best = checkpoint.best_model_path or None  # None under fast_dev_run, which saves nothing
+        test_metrics = trainer.test(task, datamodule=datamodule, ckpt_path=best)[0]
 
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
     metrics.update(test_metrics)
     if checkpoint.best_model_score is not None:
         metrics["val/acc_best"] = float(checkpoint.best_model_score)
     metrics["fit_seconds"] = fit_seconds
-    print(f"test accuracy: {metrics['test/acc']:.4f} ({best or 'last weights'}; fit took {fit_seconds:.0f} s)")
+    if trainer.is_global_zero:
+        print(f"test accuracy: {metrics['test/acc']:.4f} ({best or 'last weights'}; fit took {fit_seconds:.0f} s)")
     return metrics
+
+
+# What Lightning's DDP launcher sets in the process that starts the other ranks.
+DDP_LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+@contextlib.contextmanager
+def ddp_ranks_run_this_job() -> Iterator[None]:
+    """Make Lightning's DDP launcher start the other ranks on this job alone, in its directory.
+
+    The launcher starts rank 1.. by re-running `sys.argv` (as `python -m <__main__'s module>`
+    when there is one) with `hydra.run.dir=` Hydra's run dir. In a multirun, `sys.argv` is the
+    whole sweep and the run dir is not the job's folder, so each rank would start the sweep again
+    elsewhere; in a joblib or submitit worker, `__main__` is the worker's own module. The launcher
+    also leaves its variables and process group behind, and the next job in this process would
+    wait forever for ranks that have exited. A single run needs none of this.
+    """
+    import __main__
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import read_write
+
+    hydra_cfg = HydraConfig.get()
+    # LOCAL_RANK set: a rank that a launcher started (Lightning's own, torchrun), not a job.
+    if hydra_cfg.mode != RunMode.MULTIRUN or "LOCAL_RANK" in os.environ:
+        yield
+        return
+    argv, spec = sys.argv, __main__.__spec__
+    sys.argv = [str(PROJECT_DIR / "train.py"), *hydra_cfg.overrides.task]
+    __main__.__spec__ = None
+    with read_write(hydra_cfg):
+        hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
+    try:
+        yield
+    finally:
+        sys.argv, __main__.__spec__ = argv, spec
+        import torch.distributed
+
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        for name in DDP_LAUNCH_ENV:
+            os.environ.pop(name, None)
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")
