@@ -113,10 +113,11 @@ def ddp_ranks_run_this_job() -> Iterator[None]:
     also leaves its variables and process group behind, and the next job in this process would
     wait forever for ranks that have exited. A single run needs none of this.
     """
-    import __main__
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
     from omegaconf import read_write
+
+    import __main__
 
     hydra_cfg = HydraConfig.get()
     # LOCAL_RANK set: a rank that a launcher started (Lightning's own, torchrun), not a job.
