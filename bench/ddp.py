@@ -8,6 +8,7 @@ other ranks by re-running that command), on the composed `trainer=ddp_cpu` confi
 data module, so the distributed sampler, gloo's gradient all-reduce and Lightning's per-process
 thread count (cores / processes) are all in the measurement. Timing starts after the warm-up
 steps and stops at the end of training, on rank zero; validation and checkpoints are off.
+`OMP_NUM_THREADS=1 python -m bench.ddp` gives every process one thread instead.
 """
 
 import argparse
@@ -21,6 +22,7 @@ RESULT = "bench.ddp result: "
 
 def worker(args: argparse.Namespace) -> None:
     import pytorch_lightning as pl
+    import torch
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
@@ -35,7 +37,8 @@ def worker(args: argparse.Namespace) -> None:
             seconds = time.perf_counter() - self.start
             if trainer.is_global_zero:
                 images = args.steps * args.global_batch
-                print(RESULT + json.dumps({"processes": trainer.world_size, "images_per_s": images / seconds}))
+                threads = torch.get_num_threads()  # as Lightning set it for this many processes
+                print(RESULT + json.dumps({"threads": threads, "images_per_s": images / seconds}))
 
     overrides = ["trainer=ddp_cpu", f"trainer.devices={args.processes}", "task.model.backbone.pretrained=false"]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
@@ -75,23 +78,25 @@ def main() -> None:
     from bench.machine import describe
 
     print(describe())
-    rate = {}
+    rate, threads = {}, {}
     for processes in args.processes:
         command = [sys.executable, "-m", "bench.ddp", "--worker", "--processes", str(processes)]
         command += ["--global-batch", str(args.global_batch), "--steps", str(args.steps)]
         command += ["--warmup", str(args.warmup), "--data-dir", args.data_dir]
         out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         line = next(line for line in out.splitlines() if line.startswith(RESULT))
-        rate[processes] = json.loads(line.removeprefix(RESULT))["images_per_s"]
+        result = json.loads(line.removeprefix(RESULT))
+        rate[processes], threads[processes] = result["images_per_s"], result["threads"]
 
     base = rate[args.processes[0]]
     print(f"\nresnet18, trainer=ddp_cpu, global batch {args.global_batch}, {args.steps} timed steps")
-    print(f"{'processes':>9} {'batch/process':>13} {'images/s':>9} {'x 1st':>6} {'efficiency':>10}")
+    print(f"{'processes':>9} {'threads each':>12} {'batch each':>10} {'images/s':>9} {'x 1st':>6} {'efficiency':>10}")
     for processes, images_per_s in rate.items():
         speedup = images_per_s / base
         efficiency = speedup * args.processes[0] / processes
         print(
-            f"{processes:9d} {args.global_batch // processes:13d} {images_per_s:9.0f} {speedup:6.2f} {efficiency:10.2f}"
+            f"{processes:9d} {threads[processes]:12d} {args.global_batch // processes:10d} {images_per_s:9.0f} "
+            f"{speedup:6.2f} {efficiency:10.2f}"
         )
 
 
