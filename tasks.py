@@ -89,7 +89,9 @@ class MNISTClassification(pl.LightningModule):
         x, y = batch
         logits = self.model(x)
         accuracy.update(logits, y)
-        self.log(f"{stage}/loss", self.loss_function(logits, y), prog_bar=True)
+        # The loss is a plain tensor, averaged over ranks only when asked; the accuracy, a
+        # torchmetrics Metric, sums its counts over ranks itself.
+        self.log(f"{stage}/loss", self.loss_function(logits, y), prog_bar=True, sync_dist=True)
         self.log(f"{stage}/acc", accuracy, prog_bar=True)
 
     def configure_optimizers(self) -> Optimizer | dict[str, Any]:

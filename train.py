@@ -14,10 +14,12 @@ torch and Lightning are imported inside `train`, so printing a config or --help 
 command line adds them (`seed=3` is read as Hydra's `++seed=3`).
 """
 
+import contextlib
 import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import hydra
@@ -134,6 +136,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from hydra.types import RunMode
     from hydra.utils import instantiate
     from pytorch_lightning.callbacks import ModelCheckpoint
+    from pytorch_lightning.utilities import rank_zero_only
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     from checkpoints import AtomicCheckpointIO, RunState, SaveOnInterrupt
@@ -167,11 +170,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if ckpt_path is None and interrupted.is_file():
             log.info("Resuming job %s from %s", hydra_cfg.job.num, interrupted)
             ckpt_path = str(interrupted)
-    # A run without a seed draws one and records it, so any run can be repeated.
-    seed = cfg.seed if cfg.get("seed") is not None else secrets.randbelow(2**31)
+    # A run without a seed draws one and records it, so any run can be repeated. The other DDP
+    # processes start after seed_everything and take its seed from the environment it sets.
+    is_rank_zero = rank_zero_only.rank == 0
+    seed = cfg.get("seed")
+    if seed is None:
+        seed = secrets.randbelow(2**31) if is_rank_zero else int(os.environ["PL_GLOBAL_SEED"])
     record = {"overrides": overrides, "seed": seed, "status": "running"}
-    write_record(output_dir, record)
-    print_config(cfg, output_dir)
+    if is_rank_zero:
+        write_record(output_dir, record)
+        print_config(cfg, output_dir)
     pl.seed_everything(seed, workers=True)
 
     log.info("Instantiating task <%s>", cfg.task._target_)
@@ -208,31 +216,79 @@ def train(cfg: DictConfig) -> dict[str, float]:
     )
 
     fit_started = time.perf_counter()
-    try:
-        trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
-    except SystemExit as stop:  # how Lightning leaves after Ctrl-C or SIGTERM; SaveOnInterrupt has saved
-        write_record(output_dir, {**record, "status": "interrupted", "wall_time_s": time.perf_counter() - started})
-        raise SystemExit(143 if isinstance(stop, SIGTERMException) else 130) from stop
-    fit_seconds = time.perf_counter() - fit_started
-    save_learning_curve(history.epochs, output_dir / "learning_curve.png")
-    best = checkpoint.best_model_path or None  # None under fast_dev_run, which saves nothing
-    test_metrics = trainer.test(task, datamodule=datamodule, ckpt_path=best, weights_only=True)[0]
+    with ddp_ranks_run_this_job():
+        try:
+            trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
+        except SystemExit as stop:  # how Lightning leaves after Ctrl-C or SIGTERM; SaveOnInterrupt has saved
+            if trainer.is_global_zero:
+                record.update(status="interrupted", wall_time_s=time.perf_counter() - started)
+                write_record(output_dir, record)
+            raise SystemExit(143 if isinstance(stop, SIGTERMException) else 130) from stop
+        fit_seconds = time.perf_counter() - fit_started
+        if trainer.is_global_zero:
+            save_learning_curve(history.epochs, output_dir / "learning_curve.png")
+        best = checkpoint.best_model_path or None  # None under fast_dev_run, which saves nothing
+        test_metrics = trainer.test(task, datamodule=datamodule, ckpt_path=best, weights_only=True)[0]
 
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
     metrics.update(test_metrics)
     if checkpoint.best_model_score is not None:
         metrics["val/acc_best"] = float(checkpoint.best_model_score)
     metrics["fit_seconds"] = fit_seconds
-    record.update(
-        status="completed",
-        params=sum(p.numel() for p in task.parameters()),
-        epochs=trainer.current_epoch,
-        metrics=metrics,
-        wall_time_s=time.perf_counter() - started,
-    )
-    write_record(output_dir, record)
-    print(f"test accuracy: {metrics['test/acc']:.4f} ({best or 'last weights'}; fit took {fit_seconds:.0f} s)")
+    if trainer.is_global_zero:
+        record.update(
+            status="completed",
+            params=sum(p.numel() for p in task.parameters()),
+            epochs=trainer.current_epoch,
+            metrics=metrics,
+            wall_time_s=time.perf_counter() - started,
+        )
+        write_record(output_dir, record)
+        print(f"test accuracy: {metrics['test/acc']:.4f} ({best or 'last weights'}; fit took {fit_seconds:.0f} s)")
     return metrics
+
+
+# What Lightning's DDP launcher sets in the process that starts the other ranks.
+DDP_LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+@contextlib.contextmanager
+def ddp_ranks_run_this_job() -> Iterator[None]:
+    """Make Lightning's DDP launcher start the other ranks on this job alone, in its directory.
+
+    The launcher starts rank 1.. by re-running `sys.argv` (as `python -m <__main__'s module>`
+    when there is one) with `hydra.run.dir=` Hydra's run dir. In a multirun, `sys.argv` is the
+    whole sweep and the run dir is not the job's folder, so each rank would start the sweep again
+    elsewhere; in a joblib or submitit worker, `__main__` is the worker's own module. The launcher
+    also leaves its variables and process group behind, and the next job in this process would
+    wait forever for ranks that have exited. A single run needs none of this.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import read_write
+
+    import __main__
+
+    hydra_cfg = HydraConfig.get()
+    # LOCAL_RANK set: a rank that a launcher started (Lightning's own, torchrun), not a job.
+    if hydra_cfg.mode != RunMode.MULTIRUN or "LOCAL_RANK" in os.environ:
+        yield
+        return
+    argv, spec = sys.argv, __main__.__spec__
+    sys.argv = [str(PROJECT_DIR / "train.py"), *hydra_cfg.overrides.task]
+    __main__.__spec__ = None
+    with read_write(hydra_cfg):
+        hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
+    try:
+        yield
+    finally:
+        sys.argv, __main__.__spec__ = argv, spec
+        import torch.distributed
+
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        for name in DDP_LAUNCH_ENV:
+            os.environ.pop(name, None)
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")
