@@ -1,7 +1,13 @@
 import csv
+import json
 import logging
 import os
+import random
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +18,7 @@ from torchvision.datasets import MNIST
 import backbones
 import data_modules
 from data_modules import RAW_FILES, MNISTDataModule, damaged_files, file_fault
+from train import PROJECT_DIR
 from validation import ConfigError
 
 pytestmark = pytest.mark.faults
@@ -140,3 +147,72 @@ def test_a_nan_loss_stops_the_run_naming_the_step(tmp_path, mnist_dir):
     with (run_dir / "metrics.csv").open() as f:
         steps = [int(row["step"]) for row in csv.DictReader(f)]
     assert max(steps) < 7  # stopped at the first check after step 2, not at the end
+
+
+def start_training(run_dir: Path, mnist_dir: Path, max_epochs: int) -> subprocess.Popen:
+    args = [
+        *TINY_RUN,
+        f"trainer.max_epochs={max_epochs}",
+        "trainer.limit_train_batches=30",
+        "data_module.batch_size=16",
+        "seed=5",
+        f"data_module.data_dir={mnist_dir}",
+        f"hydra.run.dir={run_dir}",
+    ]
+    return subprocess.Popen(
+        [sys.executable, "train.py", *args], cwd=PROJECT_DIR, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def wait_for(condition, process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def assert_resumes_to_the_end(checkpoint: Path, run_dir: Path, epochs: int) -> None:
+    state = torch.load(checkpoint, weights_only=True)  # intact, and loadable without unpickling code
+    assert state["global_step"] > 0
+    result = run_train(f"ckpt_path={checkpoint}")
+    assert result.returncode == 0, result.stderr
+    assert "test accuracy: " in result.stdout
+    record = json.loads((run_dir / "run.json").read_text())
+    assert (record["status"], record["epochs"]) == ("completed", epochs)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_where_the_run_stands_and_the_run_continues_from_there(tmp_path, mnist_dir):
+    run_dir = tmp_path / "run"
+    process = start_training(run_dir, mnist_dir, max_epochs=2)
+    # Lightning's handler is in place once fit has started; stop somewhere in the first epoch.
+    wait_for(lambda: "Instantiating trainer" in read(run_dir / "train.log"), process)
+    time.sleep(random.uniform(2, 4))
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+
+    assert process.returncode == 143, stderr
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    assert f"saved {checkpoint}; continue with: python train.py ckpt_path={checkpoint}" in stderr
+    assert "Traceback" not in stderr
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "interrupted"
+    assert_resumes_to_the_end(checkpoint, run_dir, epochs=2)
+
+
+@pytest.mark.slow
+def test_sigkill_leaves_the_last_good_checkpoint_and_the_run_continues_from_it(tmp_path, mnist_dir):
+    run_dir = tmp_path / "run"
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    process = start_training(run_dir, mnist_dir, max_epochs=3)
+    wait_for(checkpoint.is_file, process)
+    time.sleep(random.uniform(0, 2))  # anywhere in the next epoch, a checkpoint write included
+    process.kill()
+    process.communicate(timeout=60)
+
+    assert process.returncode == -signal.SIGKILL
+    assert_resumes_to_the_end(checkpoint, run_dir, epochs=3)
+
+
+def read(path: Path) -> str:
+    return path.read_text() if path.is_file() else ""
