@@ -1,11 +1,13 @@
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from conftest import compose_config, run_train
+from hydra import compose, initialize_config_dir
 
-from train import PROJECT_DIR, group_overrides
+from train import CONFIG_DIR, PROJECT_DIR, group_overrides
 
 EXPECTED = (Path(__file__).parent / "expected_config.yaml").read_text()
 
@@ -73,3 +75,19 @@ def test_dot_form_on_the_command_line():
     result = run_train("--cfg", "job", "task.model.backbone=resnet34")
     assert result.returncode == 0, result.stderr
     assert "_target_: backbones.ResNet34\n      pretrained: true\n" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("config_file", "package"),
+    [("task/model/simple_model.yaml", "task.model"), ("task/loss_function/cross_entropy.yaml", "task.loss_function")],
+)
+def test_package_directives_are_read_by_hydra(tmp_path, config_file, package):
+    """A directive below any other comment line is silently ignored; these must be in the header."""
+    configs = tmp_path / "configs"
+    shutil.copytree(CONFIG_DIR, configs)
+    path = configs / config_file
+    path.write_text(path.read_text().replace(f"# @package {package}", "# @package task.moved"))
+    with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
+        cfg = compose(config_name="config")
+    assert "moved" in cfg.task
+    assert package.rsplit(".", 1)[1] not in cfg.task
