@@ -20,11 +20,11 @@ from pytorch_lightning.loggers import CSVLogger
 from adapters import LinearAdapter
 from backbones import ResNet18
 from bench.machine import describe
-from reports import progress_bar
 from data_modules import MNISTDataModule, normalize
 from heads import IdentityHead
 from loss_functions import CrossEntropyLoss
 from models import SimpleModel
+from reports import progress_bar
 from tasks import MNISTClassification
 
 
