@@ -10,7 +10,6 @@ overrides first (a run trained with trainer=cpu is tested on the CPU); overrides
 """
 
 import logging
-import os
 import sys
 
 import hydra
@@ -18,14 +17,13 @@ from omegaconf import DictConfig
 
 from train import (
     PROJECT_DIR,
-    config_error_in,
     group_overrides,
     merge_overrides,
     override_key,
     quoted,
     resolve_checkpoint,
 )
-from validation import ConfigError, check_accelerator
+from validation import ConfigError, check_accelerator, exit_on_config_error
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +74,8 @@ def main(cfg: DictConfig) -> float:
     try:
         metrics = evaluate(cfg)
     except Exception as err:
-        cause = config_error_in(err)
-        if cause is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"error: {cause}", file=sys.stderr)
-        sys.exit(2)
+        exit_on_config_error(err)
+        raise
     return metrics["test/acc"]
 
 
@@ -88,6 +83,6 @@ if __name__ == "__main__":
     try:
         sys.argv[1:] = eval_overrides(sys.argv[1:])
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        exit_on_config_error(err)
+        raise
     main()

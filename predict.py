@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from train import resolve_checkpoint
-from validation import ConfigError
+from validation import ConfigError, exit_on_config_error
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 KEYS = ("ckpt_path", "inputs")
@@ -113,5 +113,5 @@ if __name__ == "__main__":
     try:
         main(sys.argv[1:])
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        exit_on_config_error(err)
+        raise

@@ -25,7 +25,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from validation import ConfigError, check_accelerator, check_group_choices, validate
+from validation import ConfigError, check_accelerator, check_group_choices, exit_on_config_error, validate
 
 log = logging.getLogger(__name__)
 
@@ -296,19 +296,9 @@ def main(cfg: DictConfig) -> float | None:
     try:
         metrics = train(cfg)
     except Exception as err:
-        cause = config_error_in(err)
-        if cause is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"error: {cause}", file=sys.stderr)
-        sys.exit(2)
+        exit_on_config_error(err)
+        raise
     return metrics.get("val/acc_best")
-
-
-def config_error_in(err: BaseException | None) -> ConfigError | None:
-    """The ConfigError behind `err`, which `instantiate` wraps in an InstantiationException."""
-    while err is not None and not isinstance(err, ConfigError):
-        err = err.__cause__
-    return err
 
 
 if __name__ == "__main__":
@@ -318,6 +308,6 @@ if __name__ == "__main__":
             check_group_choices(sys.argv[1:], CONFIG_DIR)
         sys.argv[1:] = resume_overrides(group_overrides(sys.argv[1:]))
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        exit_on_config_error(err)
+        raise
     main()

@@ -10,6 +10,7 @@ import difflib
 import importlib.util
 import math
 import os
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,23 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 class ConfigError(ValueError):
     """A value that cannot work. The message names the key, the value, what is allowed and the fix."""
+
+
+def config_error_in(err: BaseException | None) -> ConfigError | None:
+    """The ConfigError behind `err`, which `instantiate` wraps in an InstantiationException."""
+    while err is not None and not isinstance(err, ConfigError):
+        err = err.__cause__
+    return err
+
+
+def exit_on_config_error(err: BaseException) -> None:
+    """End the program with `error: <message>` and exit code 2, as argparse does, if `err` is (or
+    wraps) a ConfigError; otherwise return so the caller re-raises. HYDRA_FULL_ERROR=1 keeps the
+    traceback."""
+    cause = config_error_in(err)
+    if cause is not None and os.environ.get("HYDRA_FULL_ERROR") != "1":
+        print(f"error: {cause}", file=sys.stderr)
+        sys.exit(2)
 
 
 def show(value: Any) -> str:
