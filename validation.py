@@ -363,7 +363,8 @@ def check_group_choices(args: list[str], config_dir: Path) -> None:
         key, equals, value = arg.partition("=")
         name = key.lstrip("+~")
         group = config_dir / name.replace(".", "/")
-        if not equals or not name or name.startswith("-") or not group.is_dir():
+        # hydra/... groups are Hydra's own, with options that installed plugins add.
+        if not equals or not name or name.startswith("-") or name.startswith("hydra") or not group.is_dir():
             continue
         if any(c in value for c in "()[]{}'\"$"):  # sweep functions, quoting, interpolation: Hydra's to parse
             continue

@@ -77,7 +77,7 @@ BAD = {
         "task/model/backbone=resnet18,resnet99: task/model/backbone is one of resnet18, resnet34, resnet50; "
         "fix: task/model/backbone=resnet18"
     ),
-    "trainer=tpu": "trainer=tpu: trainer is one of cpu, gpu; fix: trainer=cpu",
+    "trainer=tpu": "trainer=tpu: trainer is one of cpu, ddp, ddp_cpu, gpu; fix: trainer=cpu",
 }
 
 
