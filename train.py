@@ -140,16 +140,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     from checkpoints import AtomicCheckpointIO, RunState, SaveOnInterrupt
-    from reports import (
-        ConfusionMatrixPlot,
-        History,
-        build_loggers,
-        print_config,
-        progress_bar,
-        read_record,
-        save_learning_curve,
-        write_record,
-    )
+    from reports import ConfusionMatrixPlot, History, build_loggers, print_config, progress_bar, save_learning_curve
+    from sweeps import read_record, write_record
 
     started = time.perf_counter()
     hydra_cfg = HydraConfig.get()
@@ -296,7 +288,11 @@ def main(cfg: DictConfig) -> float | None:
     try:
         metrics = train(cfg)
     except Exception as err:
-        exit_on_config_error(err)
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if HydraConfig.get().mode != RunMode.MULTIRUN:  # a sweep records the failed job and goes on
+            exit_on_config_error(err)
         raise
     return metrics.get("val/acc_best")
 

@@ -12,7 +12,8 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 import checkpoints
 from checkpoints import AtomicCheckpointIO
 from predict import to_mnist
-from reports import build_loggers, summary_rows, write_record, write_summary
+from reports import build_loggers
+from sweeps import summary_rows, write_record, write_summary
 from train import find_last_checkpoint, group_overrides, merge_overrides, resolve_checkpoint, resume_overrides
 from validation import ConfigError
 
