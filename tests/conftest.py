@@ -47,3 +47,16 @@ def run_train(*args: str, env: dict[str, str] | None = None) -> subprocess.Compl
         text=True,
         timeout=900,
     )
+
+
+def run_train_watching_imports(*args: str) -> subprocess.CompletedProcess:
+    """train.py in a subprocess that prints, as it exits, which of torch, Lightning and torchvision
+    it imported: `HEAVY []` when none."""
+    code = (
+        "import atexit, runpy, sys\n"
+        "atexit.register(lambda: print('HEAVY', sorted(m for m in ('torch', 'pytorch_lightning', 'torchvision')"
+        " if m in sys.modules)))\n"
+        f"sys.argv = ['train.py', *{list(args)!r}]\n"
+        "runpy.run_path('train.py', run_name='__main__')\n"
+    )
+    return subprocess.run([sys.executable, "-c", code], cwd=PROJECT_DIR, capture_output=True, text=True)

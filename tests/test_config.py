@@ -1,13 +1,11 @@
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import compose_config, run_train
+from conftest import compose_config, run_train, run_train_watching_imports
 from hydra import compose, initialize_config_dir
 
-from train import CONFIG_DIR, PROJECT_DIR, group_overrides
+from train import CONFIG_DIR, group_overrides
 
 EXPECTED = (Path(__file__).parent / "expected_config.yaml").read_text()
 
@@ -20,11 +18,7 @@ def test_cfg_job_prints_the_spec_config_and_nothing_else():
 
 
 def test_printing_the_config_imports_neither_torch_nor_lightning():
-    code = (
-        "import runpy, sys; sys.argv = ['train.py', '--cfg', 'job']; runpy.run_path('train.py', run_name='__main__'); "
-        "print('HEAVY', sorted(m for m in ('torch', 'pytorch_lightning', 'torchvision') if m in sys.modules))"
-    )
-    result = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_DIR, capture_output=True, text=True)
+    result = run_train_watching_imports("--cfg", "job")
     assert result.returncode == 0, result.stderr
     assert "HEAVY []" in result.stdout
 

@@ -1,9 +1,7 @@
 import os
-import subprocess
-import sys
 
 import pytest
-from conftest import TINY_RUN, compose_config, run_train
+from conftest import TINY_RUN, compose_config, run_train, run_train_watching_imports
 
 from train import CONFIG_DIR, PROJECT_DIR
 from validation import ConfigError, check_group_choices, validate
@@ -101,14 +99,7 @@ def test_hydra_full_error_still_shows_the_traceback(override):
 
 
 def test_a_bad_value_stops_before_torch_or_lightning_is_imported():
-    code = (
-        "import atexit, runpy, sys\n"
-        "atexit.register(lambda: print('HEAVY', sorted(m for m in ('torch', 'pytorch_lightning', 'torchvision')"
-        " if m in sys.modules)))\n"
-        "sys.argv = ['train.py', 'trainer=cpu', 'data_module.batch_size=0']\n"
-        "runpy.run_path('train.py', run_name='__main__')\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_DIR, capture_output=True, text=True)
+    result = run_train_watching_imports("trainer=cpu", "data_module.batch_size=0")
     assert result.returncode == 2, result.stderr
     assert "HEAVY []" in result.stdout
 
