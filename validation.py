@@ -338,7 +338,7 @@ def check_data_dir(data_dir: str, project_dir: Path) -> None:
     """MNIST must be there already, or the folder must be one this process can create and write."""
     key = "data_module.data_dir"
     path = project_dir / Path(data_dir).expanduser()
-    raw_files = source_constant(project_dir / "data_modules.py", "RAW_FILES") or {}
+    raw_files = source_constant(project_dir / "mnist_files.py", "RAW_FILES") or {}
     if raw_files and all((path / "MNIST" / "raw" / name).is_file() for name in raw_files):
         return  # a read-only copy of the data is fine: nothing will be written
     existing = path

