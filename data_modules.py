@@ -16,6 +16,10 @@ from torchvision.datasets.mnist import read_image_file, read_label_file
 
 import mnist_files
 
+# A relative data_dir is taken from this folder, so every run shares one copy of the data
+# whatever its working directory (Hydra may give each run its own).
+PROJECT_DIR = Path(__file__).resolve().parent
+
 MEAN, STD = 0.1307, 0.3081
 VAL_SIZE, SPLIT_SEED = 5_000, 12345
 
@@ -26,6 +30,7 @@ class MNISTDataModule(pl.LightningDataModule):
     Batches are `(uint8 images (B, 1, 28, 28), int64 labels (B,))` until they reach the device,
     where `on_after_batch_transfer` normalises them, so the CPU only slices one tensor.
     `augment=True` moves, turns and scales each training digit a little, a batch at a time.
+    `data_dir` may start with `~`; a relative one is taken from the project folder.
 
     `num_workers` starts no processes here: with the set in memory a worker has nothing to load,
     and shipping its batches back through shared memory made an epoch 14x slower
@@ -34,7 +39,7 @@ class MNISTDataModule(pl.LightningDataModule):
 
     def __init__(
         self,
-        data_dir: str = "./data/mnist",
+        data_dir: str | Path = "./data/mnist",
         batch_size: int = 64,
         num_workers: int = 0,
         pin_memory: bool = False,
@@ -42,7 +47,7 @@ class MNISTDataModule(pl.LightningDataModule):
         augment: bool = False,
     ) -> None:
         super().__init__()
-        self.data_dir = Path(data_dir)
+        self.data_dir = PROJECT_DIR / Path(data_dir).expanduser()  # an absolute path replaces PROJECT_DIR
         self.batch_size = batch_size
         self.num_workers = num_workers  # see the class docstring: not used for the in-memory set
         self.pin_memory = pin_memory

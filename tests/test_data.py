@@ -40,6 +40,15 @@ def test_the_file_checks_import_neither_torch_nor_torchvision():
     assert result.stdout.strip() == "[]", result.stderr
 
 
+def test_data_dir_expands_home_and_takes_relative_paths_from_the_project(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)  # the working directory plays no part
+    assert MNISTDataModule(data_dir="~/mnist").raw_dir == tmp_path / "home" / "mnist" / "MNIST" / "raw"
+    assert MNISTDataModule(data_dir="./data/mnist").data_dir == PROJECT_DIR / "data" / "mnist"
+    assert MNISTDataModule(data_dir="../shared/mnist").data_dir == PROJECT_DIR / ".." / "shared" / "mnist"
+    assert MNISTDataModule(data_dir=str(tmp_path / "mnist")).data_dir == tmp_path / "mnist"
+
+
 @pytest.fixture(scope="module")
 def mnist(mnist_dir: Path) -> MNISTDataModule:
     datamodule = MNISTDataModule(data_dir=str(mnist_dir), batch_size=64, drop_last=True)
