@@ -8,10 +8,11 @@ from torch import Tensor, nn
 from torchvision import models
 from torchvision.models import WeightsEnum
 
-from validation import ConfigError
+from shapes import FEATURES
 
-# Every backbone gives this many features, so the one adapter `linear_512_10` fits them all.
-FEATURES = 512
+
+class WeightsUnavailable(OSError):
+    """ImageNet weights that cannot be downloaded, or a cached file that is not plain tensors."""
 
 
 class ResNetBackbone(nn.Module):
@@ -51,16 +52,13 @@ def imagenet_state_dict(weights: WeightsEnum) -> dict[str, Tensor]:
         # torch.hub would unpickle with weights_only=False: a cached file could then run any code.
         return weights.get_state_dict(progress=False, check_hash=True, weights_only=True)
     except pickle.UnpicklingError as err:
-        raise ConfigError(
-            f"task.model.backbone.pretrained=true but {path} holds more than plain tensors, so it was not "
-            f"loaded ({str(err).splitlines()[0]}); fix: delete {path} to download it again, "
-            "or task.model.backbone.pretrained=false"
+        raise WeightsUnavailable(
+            f"{path} holds more than plain tensors, so it was not loaded ({str(err).splitlines()[0]}); "
+            f"delete it to download it again"
         ) from err
     except OSError as err:  # URLError, refused connection, no route: all OSError
-        raise ConfigError(
-            f"task.model.backbone.pretrained=true but the ImageNet weights could not be "
-            f"downloaded from {weights.url} ({err}); put that file at {path}, "
-            "or train from scratch with task.model.backbone.pretrained=false"
+        raise WeightsUnavailable(
+            f"the ImageNet weights could not be downloaded from {weights.url} ({err}); put that file at {path}"
         ) from err
 
 

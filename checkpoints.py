@@ -5,9 +5,10 @@ resolved), `overrides` (the command-line overrides of its run) and `seed`. That 
 `eval.py` and `predict.py` to rebuild the model without the run folder.
 """
 
+import errno
 import os
 import random
-import sys
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -17,17 +18,19 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from pytorch_lightning.utilities.exceptions import SIGTERMException
+from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
-from validation import ConfigError
+from cli import ConfigError
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to a temporary file in the same folder, fsyncs it, then renames it.
 
     `os.replace` within one file system is atomic, so a crash or a full disk mid-write leaves the
-    previous `last.ckpt` intact instead of a truncated file where a good one was.
+    previous `last.ckpt` intact instead of a truncated file where a good one was. A full disk is
+    reported as such (torch buries it in a RuntimeError from its zip writer).
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
@@ -43,65 +46,81 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.fsync(f.fileno())
             os.chmod(partial, 0o644)  # mkstemp makes files private; a checkpoint is shared like any output
             os.replace(partial, path)
+        except (OSError, RuntimeError) as err:
+            Path(partial).unlink(missing_ok=True)
+            free = shutil.disk_usage(path.parent).free
+            needed = checkpoint_bytes(checkpoint)
+            if isinstance(err, OSError) and err.errno != errno.ENOSPC and free > needed:
+                raise
+            if not isinstance(err, OSError) and free > needed and "No space" not in str(err):
+                raise
+            raise OSError(
+                errno.ENOSPC,
+                f"no space left to write the checkpoint {path.name} in {path.parent}: it needs about "
+                f"{needed / 2**20:.0f} MB and {free / 2**20:.0f} MB are free (the previous checkpoints are intact)",
+            ) from err
         except BaseException:
             Path(partial).unlink(missing_ok=True)
             raise
-        # The rename itself lives in the folder's entry, which needs its own fsync to be durable.
-        folder = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
+        if os.name != "nt":  # Windows cannot open a folder to fsync it; its renames are durable as they are
+            # The rename itself lives in the folder's entry, which needs its own fsync to be durable.
+            folder = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
+
+
+def checkpoint_bytes(checkpoint: Any) -> int:
+    """The bytes of all tensors in a checkpoint: about the size of its file."""
+    if isinstance(checkpoint, torch.Tensor):
+        return checkpoint.numel() * checkpoint.element_size()
+    if isinstance(checkpoint, dict):
+        return sum(checkpoint_bytes(value) for value in checkpoint.values())
+    if isinstance(checkpoint, list | tuple):
+        return sum(checkpoint_bytes(value) for value in checkpoint)
+    return 0
 
 
 class SaveOnInterrupt(pl.Callback):
     """Ctrl-C or SIGTERM (what a cluster scheduler sends before it kills a job) while fitting:
-    write `last.ckpt` where the run stands, so `ckpt_path=last` continues it.
+    write `<dirpath>/last.ckpt` where the run stands, so `ckpt_path=last` continues it.
 
-    Lightning stops at the end of the current batch and then calls `on_exception`. Other
-    exceptions (a nan loss, a bug) save nothing: their weights are not worth resuming from.
+    Other exceptions (a nan loss, a full disk, a bug) save nothing: their weights are not worth
+    resuming from, and the last good `last.ckpt` must stay. Lightning's OnExceptionCheckpoint does
+    not fit: it saves on every exception, deletes its file at teardown, and its presence turns
+    `fit(ckpt_path=None)` into `ckpt_path="last"`, so a new run would silently continue an old one.
     """
 
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
+    def __init__(self, dirpath: str | Path, filename: str = "last") -> None:
+        self.path = Path(dirpath) / f"{filename}.ckpt"
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, KeyboardInterrupt | SIGTERMException) or trainer.state.fn != "fit":
             return
         trainer.save_checkpoint(self.path)
-        if trainer.is_global_zero:
-            signal = "SIGTERM" if isinstance(exception, SIGTERMException) else "Ctrl-C"
-            print(
-                f"{signal} at epoch {trainer.current_epoch}, step {trainer.global_step}: saved {self.path}; "
-                f"continue with: python train.py ckpt_path={self.path}",
-                file=sys.stderr,
-            )
+        signal = "SIGTERM" if isinstance(exception, SIGTERMException) else "Ctrl-C"
+        rank_zero_info(
+            f"{signal} at epoch {trainer.current_epoch}, step {trainer.global_step}: saved {self.path}; "
+            f"continue with: python train.py ckpt_path={self.path}"
+        )
 
 
-class RunState(pl.Callback):
-    """Puts the run's config, overrides and seed in every checkpoint, and the random state.
+class RandomState(pl.Callback):
+    """Puts the global random generators' state in every checkpoint and restores it on resume.
 
     Lightning restores weights, optimizer and loop counters but not the global random generators,
     which draw each epoch's shuffle; restoring them makes a resumed CPU run end exactly where an
     uninterrupted one does. States are stored as tensors and lists so `torch.load` can keep its
-    safe `weights_only` default.
+    safe `weights_only` default. Only this process's current GPU is stored, so a run can continue
+    on a machine with fewer GPUs.
     """
-
-    def __init__(self, config: DictConfig, overrides: list[str], seed: int) -> None:
-        self.config = OmegaConf.to_container(config, resolve=True)
-        self.overrides = list(overrides)
-        self.seed = seed
-
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        checkpoint["config"] = self.config
-        checkpoint["overrides"] = self.overrides
-        checkpoint["seed"] = self.seed
 
     def state_dict(self) -> dict[str, Any]:
         name, keys, position, has_gauss, gauss = np.random.get_state()
         return {
             "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() else [],
             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss],
             "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
         }
@@ -109,7 +128,7 @@ class RunState(pl.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         torch.set_rng_state(state_dict["torch"])
         if state_dict["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state_dict["cuda"])
+            torch.cuda.set_rng_state(state_dict["cuda"][0])
         name, keys, position, has_gauss, gauss = state_dict["numpy"]
         np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
         version, internal, gauss_next = state_dict["python"]
@@ -125,6 +144,8 @@ def load_task(path: str | Path) -> tuple[pl.LightningModule, dict[str, Any]]:
     if "pretrained" in task_cfg.model.backbone:
         # The weights come from the checkpoint; fetching ImageNet's first would be wasted (or fail offline).
         task_cfg.model.backbone.pretrained = False
+    if "compile" in task_cfg:
+        task_cfg.compile = False  # inference on a few images: compiling would cost more and need a C++ compiler
     task = instantiate(task_cfg)
     task.load_state_dict(checkpoint["state_dict"])
     return task.eval(), checkpoint

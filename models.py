@@ -2,7 +2,9 @@
 
 from torch import Tensor, nn
 
-from validation import ConfigError
+
+class AdapterMismatch(ValueError):
+    """The adapter does not take as many features as the backbone gives."""
 
 
 class SimpleModel(nn.Module):
@@ -13,10 +15,7 @@ class SimpleModel(nn.Module):
         width = getattr(backbone, "out_features", None)
         wanted = getattr(adapter, "in_features", None)
         if width is not None and wanted is not None and width != wanted:
-            raise ConfigError(
-                f"task.model.adapter.in_features={wanted} but {type(backbone).__name__} gives "
-                f"{width} features; set task.model.adapter.in_features={width}"
-            )
+            raise AdapterMismatch(f"the adapter takes {wanted} features but {type(backbone).__name__} gives {width}")
         self.backbone = backbone
         self.adapter = adapter
         self.head = head

@@ -1,25 +1,112 @@
-"""What a run shows while it trains and leaves to read: the config tree, progress lines, the
-learning curve and confusion matrix, and its loggers. Run records and sweep summaries are in
-sweeps.py."""
+"""What a run shows while it trains and what it leaves to read: `run.json`, the config tree, epoch
+lines, the learning curve and confusion matrix, and metric files that survive a continued run.
+Sweep summaries are in sweeps.py."""
 
+import contextlib
+import csv
+import logging
+import os
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import matplotlib
+import numpy as np
 import pytorch_lightning as pl
-import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import ProgressBar, RichProgressBar
+from pytorch_lightning.callbacks import EarlyStopping, ProgressBar, RichProgressBar
+from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+from pytorch_lightning.utilities import rank_zero_only
 from rich.console import Console
 from rich.syntax import Syntax
 from rich.tree import Tree
-from torchmetrics.classification import MulticlassConfusionMatrix
+
+from cli import override_key, user_error
+from sweeps import read_record, write_record
 
 # Runs write image files and never open windows. pyplot is imported where a figure is drawn: its
 # first import builds a font cache and says so on stderr, which would precede a config error.
 matplotlib.use("Agg")
+log = logging.getLogger(__name__)
+
+
+class RunRecord(pl.Callback):
+    """Owns the run's record: `run.json` in the run folder, and the config, overrides and seed in
+    every checkpoint (enough for eval.py and predict.py to rebuild the model without the folder).
+
+    `run.json` says `running` from the start, the epochs done after each epoch, and ends as
+    `completed` with the metrics, or `failed` / `interrupted` with the reason. A continued run keeps
+    what its earlier part recorded. Only rank zero writes.
+    """
+
+    def __init__(self, run_dir: Path, cfg: DictConfig, overrides: list[str], seed: int) -> None:
+        self.run_dir = Path(run_dir)
+        self.config = OmegaConf.to_container(cfg, resolve=True)
+        self.overrides = [arg for arg in overrides if override_key(arg) != "ckpt_path"]
+        self.seed = seed
+        self.metrics: dict[str, float] = {}
+        self.fit_seconds = 0.0
+        self.started = time.perf_counter()
+        self.record = read_record(self.run_dir) or {}
+        self.earlier_wall_time = self.record.get("wall_time_s", 0.0)
+        self.record.update(overrides=self.overrides, seed=seed, status="running")
+        self.record.pop("error", None)
+        if cfg.get("ckpt_path"):
+            self.record["resumed_from"] = [*self.record.get("resumed_from", []), str(cfg.ckpt_path)]
+        self.write()
+
+    @rank_zero_only
+    def write(self, **changes: Any) -> None:
+        wall_time = self.earlier_wall_time + time.perf_counter() - self.started
+        self.record.update(changes, wall_time_s=wall_time)
+        write_record(self.run_dir, self.record)
+
+    @contextlib.contextmanager
+    def failures(self) -> Iterator[None]:
+        """Record how the run ended if it did not complete, then let the exception go on."""
+        try:
+            yield
+        except BaseException as err:
+            interrupted = isinstance(err, KeyboardInterrupt) or isinstance(err.__context__, KeyboardInterrupt)
+            interrupted |= type(err).__name__ == "SIGTERMException"
+            if interrupted:
+                self.write(status="interrupted", error="Ctrl-C or SIGTERM; continue with ckpt_path=last")
+            else:
+                reason = user_error(err) or f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err) else ''}"
+                self.write(status="failed", error=reason)
+            raise
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._fit_started = time.perf_counter()
+        self.record["params"] = sum(p.numel() for p in pl_module.parameters())
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.write(epochs=trainer.current_epoch + 1)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.fit_seconds = time.perf_counter() - self._fit_started
+        self.metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
+        best = getattr(trainer.checkpoint_callback, "best_model_score", None)
+        # Without a checkpoint (fast_dev_run) the last validation is the only, so the best, one.
+        best = float(best) if best is not None else self.metrics.get("val/acc")
+        if best is not None:
+            self.metrics["val/acc_best"] = best
+        self.metrics["fit_seconds"] = self.fit_seconds
+        stopped = [cb.stopping_reason_message for cb in trainer.callbacks if isinstance(cb, EarlyStopping)]
+        self.write(epochs=trainer.current_epoch, stopped=next((s for s in stopped if s), None))
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.metrics.update({name: float(value) for name, value in trainer.callback_metrics.items()})
+        self.metrics["objective"] = self.metrics.get("val/acc_best")
+        self.write(status="completed", metrics=self.metrics)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        checkpoint["config"] = self.config
+        checkpoint["overrides"] = self.overrides
+        checkpoint["seed"] = self.seed
 
 
 def config_tree(cfg: DictConfig) -> Tree:
@@ -30,6 +117,7 @@ def config_tree(cfg: DictConfig) -> Tree:
     return tree
 
 
+@rank_zero_only
 def print_config(cfg: DictConfig, run_dir: Path) -> None:
     """Print the composed config once as a tree and keep the same text as `config_tree.txt`."""
     tree = config_tree(cfg)
@@ -44,7 +132,7 @@ def progress_bar() -> ProgressBar:
 
 
 class EpochLines(ProgressBar):
-    """Prints `epoch 2/10 train/loss=... val/acc=...` once per epoch, so logs stay readable."""
+    """Logs `epoch 2/10 train/loss=... val/acc=...` once per epoch (terminal and train.log)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -58,42 +146,42 @@ class EpochLines(ProgressBar):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.enabled:
-            print(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs} {metrics_text(trainer)}", flush=True)
+            log.info("epoch %d/%d %s", trainer.current_epoch + 1, trainer.max_epochs, metrics_text(trainer))
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.enabled:
-            print(f"test {metrics_text(trainer, 'test/')}", flush=True)
+            log.info("test %s", metrics_text(trainer, "test/"))
 
 
 def metrics_text(trainer: pl.Trainer, prefix: str = "") -> str:
-    metrics = sorted(trainer.callback_metrics.items())
-    return " ".join(f"{name}={float(value):.4f}" for name, value in metrics if name.startswith(prefix))
+    """Epoch values only: `train/loss` is the epoch's mean (logged as train/loss_epoch), not the last step's."""
+    shown = {}
+    for name, value in trainer.callback_metrics.items():
+        if name.startswith(prefix) and not name.endswith("_step"):
+            shown[name.removesuffix("_epoch")] = float(value)
+    return " ".join(f"{name}={value:.4f}" for name, value in sorted(shown.items()))
 
 
-class History(pl.Callback):
-    """Per-epoch train/val loss and accuracy, kept in checkpoints so a resumed run's curve is whole.
+class LearningCurve(pl.Callback):
+    """Draws `learning_curve.png` when fitting ends from each epoch's train/val loss and accuracy.
 
-    The training loss is the mean over the epoch's batches; the task logs only each step's.
+    The rows travel in checkpoints, so a continued run's curve is whole.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
         self.epochs: list[dict[str, float]] = []
-        self._losses: list[float] = []
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._losses = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._losses.append(float(outputs["loss"]))
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         row = {"epoch": trainer.current_epoch + 1}
-        if self._losses:
-            row["train/loss"] = sum(self._losses) / len(self._losses)
-        for name in ("train/acc", "val/loss", "val/acc"):
-            if name in trainer.callback_metrics:
-                row[name] = float(trainer.callback_metrics[name])
+        for name, value in trainer.callback_metrics.items():
+            if not name.endswith("_step") and name.split("/")[0] in ("train", "val"):
+                row[name.removesuffix("_epoch")] = float(value)
         self.epochs.append(row)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero and self.epochs:
+            save_learning_curve(self.epochs, self.path)
 
     def state_dict(self) -> dict[str, Any]:
         return {"epochs": self.epochs}
@@ -103,28 +191,35 @@ class History(pl.Callback):
 
 
 class ConfusionMatrixPlot(pl.Callback):
-    """Saves the test set's confusion matrix to `path` as a PNG when testing ends."""
+    """Draws the task's test confusion matrix (a torchmetrics metric updated in `test_step`) to `path`."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
 
-    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.matrix = MulticlassConfusionMatrix(num_classes=10).to(pl_module.device)
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        matrix = pl_module.test_confusion  # compute() gathers every rank's counts: all ranks call it
+        counts = matrix.compute()
+        if trainer.is_global_zero:
+            save_confusion_matrix(counts, self.path)
+        matrix.reset()
 
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        # The task's test_step returns nothing, so the logits are computed again: testing happens
-        # once per run, and the task stays free of plotting.
-        images, labels = batch
-        with torch.no_grad():
-            self.matrix.update(pl_module(images), labels)
 
-    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        import matplotlib.pyplot as plt
+def save_confusion_matrix(counts: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
 
-        fig, ax = self.matrix.plot(labels=[str(d) for d in range(10)])
-        ax.set_title("Confusion matrix (test set)")
-        fig.savefig(self.path, dpi=120, bbox_inches="tight")
-        plt.close(fig)
+    counts = counts.cpu().numpy()
+    fig, ax = plt.subplots(figsize=(7, 6))
+    ax.imshow(counts, cmap="Blues")
+    high = counts.max() / 2 if counts.size else 0
+    for (row, col), value in np.ndenumerate(counts):
+        ax.text(col, row, str(value), ha="center", va="center", fontsize=7, color="white" if value > high else "black")
+    ax.set_xticks(range(10))
+    ax.set_yticks(range(10))
+    ax.set_xlabel("predicted digit")
+    ax.set_ylabel("true digit")
+    ax.set_title(f"Confusion matrix (test set, {int(counts.sum())} images)")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
 
 
 def save_learning_curve(epochs: list[dict[str, float]], path: Path) -> None:
@@ -138,6 +233,7 @@ def save_learning_curve(epochs: list[dict[str, float]], path: Path) -> None:
                 ax.plot(*zip(*points, strict=True), marker="o", label=stage)
         ax.set_xlabel("epoch")
         ax.set_ylabel("accuracy" if metric == "acc" else "loss")
+        ax.set_xticks(sorted({row["epoch"] for row in epochs}))
         ax.legend()
         ax.grid(alpha=0.3)
     fig.suptitle("Learning curve")
@@ -145,14 +241,43 @@ def save_learning_curve(epochs: list[dict[str, float]], path: Path) -> None:
     plt.close(fig)
 
 
-def build_loggers(logger_cfg: DictConfig | None, choice: str | None, save_dir: Path) -> list[pl.loggers.Logger]:
-    """The `logger` group's loggers, writing into the run folder; CSV and TensorBoard when none was chosen.
+class ContinuedCSVLogger(CSVLogger):
+    """Lightning's CSVLogger, except that a continued run keeps the rows its earlier part wrote.
 
-    The default lives here rather than in config.yaml's defaults list, which must keep `--cfg job`
-    printing the spec's config.
+    Lightning's writer deletes an existing `metrics.csv` ("Previous log files in this directory will
+    be deleted"). This one keeps it, less the rows at or after `purge_step` (the step of the
+    checkpoint being continued, as TensorBoard's `purge_step`): those steps are logged again, so
+    each appears once.
     """
-    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
-    if choice is None:
-        return [CSVLogger(save_dir, name="", version=""), TensorBoardLogger(save_dir, name="tensorboard", version="")]
-    return [instantiate(node, save_dir=str(save_dir)) for node in (logger_cfg or {}).values()]
+    def __init__(self, save_dir: str, name: str = "", version: str = "", purge_step: int | None = None) -> None:
+        super().__init__(save_dir, name=name, version=version)
+        self.purge_step = purge_step
+
+    @property
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = KeptRowsWriter(self.log_dir, self.purge_step)
+        return self._experiment
+
+
+class KeptRowsWriter(ExperimentWriter):
+    def __init__(self, log_dir: str, purge_step: int | None) -> None:
+        self.purge_step = purge_step
+        super().__init__(log_dir)
+
+    def _check_log_dir_exists(self) -> None:
+        path = Path(self.metrics_file_path)
+        if not path.is_file():
+            return
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            self.metrics_keys = list(reader.fieldnames or [])
+            rows = [row for row in reader if self.purge_step is None or int(row["step"]) < self.purge_step]
+        partial = path.with_name(f".{path.name}.{os.getpid()}")
+        with partial.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.metrics_keys)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(partial, path)

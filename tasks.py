@@ -5,13 +5,14 @@ from collections.abc import Callable
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from validation import ConfigError
+
+class Diverged(FloatingPointError):
+    """The training loss became nan or inf."""
 
 
 class MNISTClassification(pl.LightningModule):
@@ -41,58 +42,54 @@ class MNISTClassification(pl.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes=10, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=10, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=10, average="micro")
-        # The first step whose loss was nan or inf, -1 if none. It stays on the device: reading it on
-        # the host every step would stall a GPU's queue, so `stop_if_diverged` reads it every log step.
-        self.register_buffer("first_nonfinite_step", torch.tensor(-1), persistent=False)
+        self.test_confusion = MulticlassConfusionMatrix(num_classes=10)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.model(x)
+        # Under trainer.precision=bf16-true/16-true/64-true the weights change dtype; the batch,
+        # made float32 after transfer, follows them. Mixed precision keeps float32 weights.
+        return self.model(x.to(self.dtype))
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
-        logits = self.model(x)
+        logits = self(x)
         loss = self.loss_function(logits, y)
         self.train_acc.update(logits, y)
-        self.log("train/loss", loss, prog_bar=True)
+        # on_epoch: Lightning keeps the epoch's mean (train/loss_epoch) on the device, no sync per step.
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
-        unseen = self.first_nonfinite_step < 0
-        self.first_nonfinite_step = torch.where(
-            ~loss.detach().isfinite() & unseen, self.global_step, self.first_nonfinite_step
-        )
+        if batch_idx % self.trainer.log_every_n_steps == 0:
+            self.stop_if_diverged(loss)
         return loss
 
-    def on_train_batch_end(self, outputs: object, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        if self.global_step % self.trainer.log_every_n_steps == 0:
-            self.stop_if_diverged()
-
-    def on_train_epoch_end(self) -> None:
-        self.stop_if_diverged()
-
-    def stop_if_diverged(self) -> None:
-        step = int(self.first_nonfinite_step)
-        if step < 0:
-            return
-        lr = getattr(self.optimizer, "keywords", {}).get("lr")
-        setting, fix = (f"task.optimizer.lr={lr}: ", f"task.optimizer.lr={lr / 10:g}") if lr else ("", "a lower lr")
-        raise ConfigError(
-            f"{setting}the training loss became nan or inf at step {step}, so the learning rate is likely too "
-            f"high (or a batch holds bad values); fix: {fix}"
-        )
+    def stop_if_diverged(self, loss: Tensor) -> None:
+        """Every rank stops together: the decision is reduced over ranks, so no rank raises alone
+        while the others wait in an all-reduce. Checked every `log_every_n_steps` batches, since
+        reading the loss on the host waits for the device."""
+        diverged = not bool(loss.detach().isfinite())
+        if self.trainer.strategy.reduce_boolean_decision(diverged, all=False):
+            lr = getattr(self.optimizer, "keywords", {}).get("lr")
+            raise Diverged(
+                f"the training loss became nan or inf by step {self.global_step}"
+                + (f" with task.optimizer.lr={lr}" if lr is not None else "")
+                + ", so the learning rate is likely too high (or a batch holds bad values)"
+            )
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "val", self.val_acc)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "test", self.test_acc)
+        logits = self._evaluate(batch, "test", self.test_acc)
+        self.test_confusion.update(logits, batch[1])
 
-    def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str, accuracy: MulticlassAccuracy) -> None:
+    def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str, accuracy: MulticlassAccuracy) -> Tensor:
         x, y = batch
-        logits = self.model(x)
+        logits = self(x)
         accuracy.update(logits, y)
         # The loss is a plain tensor, averaged over ranks only when asked; the accuracy, a
         # torchmetrics Metric, sums its counts over ranks itself.
         self.log(f"{stage}/loss", self.loss_function(logits, y), prog_bar=True, sync_dist=True)
         self.log(f"{stage}/acc", accuracy, prog_bar=True)
+        return logits
 
     def configure_optimizers(self) -> Optimizer | dict[str, Any]:
         optimizer = self.optimizer(self.parameters())
