@@ -49,11 +49,25 @@ def spell_for_hydra(arg: str, config_dir: Path) -> str:
     prefix = key[: len(key) - len(name)]
     if not equals or key.startswith("-"):
         return arg
-    if "." in name and "/" not in name and (config_dir / name.replace(".", "/")).is_dir():
+    group = config_dir / name.replace(".", "/")
+    if not name.startswith("hydra") and group.is_dir():
+        check_group_choice(key, value, group)
         return f"{prefix}{name.replace('.', '/')}={value}"
     if not prefix and name in RUN_KEYS:
         return f"++{name}={value}"
     return arg
+
+
+def check_group_choice(key: str, value: str, group: Path) -> None:
+    """A config-group option must exist: `task.model.backbone=resnet99` names the options there are.
+    Hydra would stop too, but with exit code 1 and a message about its search path. Sweep
+    functions, quoting and interpolation are left to Hydra."""
+    if any(c in value for c in "()[]{}'\"$"):
+        return
+    options = sorted(p.stem for p in group.glob("*.yaml"))
+    for choice in value.split(","):
+        if choice.strip() not in (*options, "null"):
+            raise ConfigError(f"{key}={value}: one of {', '.join(options)}; fix: {key}={options[0]}")
 
 
 def override_key(arg: str) -> str | None:

@@ -15,38 +15,37 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from train import (
-    PROJECT_DIR,
-    group_overrides,
-    merge_overrides,
-    override_key,
-    quoted,
-    resolve_checkpoint,
-)
-from validation import ConfigError, check_accelerator, exit_on_config_error
+from cli import ConfigError, exit_on_error, interrupt_exit_code, override_key, override_value, quoted, resolve_checkpoint
+from cli import spell_for_hydra as spelled
 
 log = logging.getLogger(__name__)
+# Settings of the training run that limit what it tested; an evaluation tests the whole set
+# unless its own command line limits it.
+LIMITS = ("trainer.limit_test_batches", "trainer.fast_dev_run", "trainer.overfit_batches")
 
 
-def eval_overrides(args: list[str]) -> list[str]:
-    """`ckpt_path=last` or a path, as a file, after the overrides its run was trained with."""
-    args = group_overrides(args)
-    value = next((arg.partition("=")[2] for arg in args if override_key(arg) == "ckpt_path"), None)
+def eval_command_line(args: list[str]) -> list[str]:
+    """`ckpt_path=last` or a path, as a file, after the overrides its run was trained with (less
+    what limited its testing). A fixed point, as train.py's, for Lightning's DDP processes."""
+    from cli import CONFIG_DIR
+
+    args = [spelled(arg, CONFIG_DIR) for arg in args]
+    value = next((override_value(arg) for arg in args if override_key(arg) == "ckpt_path"), None)
     if value is None:
         return args
-    path = resolve_checkpoint(value)
+    path = resolve_checkpoint(str(value))
     import torch
 
-    recorded = torch.load(path, map_location="cpu", mmap=True).get("overrides", [])
+    recorded = torch.load(path, map_location="cpu", mmap=True, weights_only=True).get("overrides", [])
     given = [f"++ckpt_path={quoted(path)}" if override_key(arg) == "ckpt_path" else arg for arg in args]
-    return merge_overrides(recorded, given)
+    replaced = {override_key(arg) for arg in given} | set(LIMITS) | {"seed"}
+    return [arg for arg in recorded if override_key(arg) not in replaced] + given
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Test the checkpoint at `cfg.ckpt_path` and return Lightning's test metrics."""
     if cfg.get("ckpt_path") is None:
-        raise ConfigError("ckpt_path is not set; give a checkpoint: python eval.py ckpt_path=PATH (or ckpt_path=last)")
-    check_accelerator(cfg.trainer)
+        raise ConfigError("ckpt_path is not set; fix: python eval.py ckpt_path=PATH (or ckpt_path=last)")
 
     from hydra.core.hydra_config import HydraConfig
     from hydra.utils import instantiate
@@ -56,7 +55,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
     task, _ = load_task(cfg.ckpt_path)
     log.info("Loaded task <%s> from %s", cfg.task._target_, cfg.ckpt_path)
-    datamodule = instantiate(cfg.data_module, data_dir=str(PROJECT_DIR / cfg.data_module.data_dir))
+    datamodule = instantiate(cfg.data_module)
     trainer = instantiate(
         cfg.trainer,
         default_root_dir=HydraConfig.get().runtime.output_dir,
@@ -65,24 +64,29 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         callbacks=[progress_bar()],
     )
     metrics = trainer.test(task, datamodule=datamodule)[0]
-    print(f"test accuracy: {metrics['test/acc']:.4f} test loss: {metrics['test/loss']:.4f} ({cfg.ckpt_path})")
-    return metrics
+    images = int(task.test_confusion.compute().sum())  # summed over every process
+    log.info(
+        "test accuracy: %.4f test loss: %.4f on %d test images (%s)",
+        metrics["test/acc"], metrics["test/loss"], images, cfg.ckpt_path,
+    )
+    return {**metrics, "images": images}
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")
 def main(cfg: DictConfig) -> float:
     try:
-        metrics = evaluate(cfg)
+        return evaluate(cfg)["test/acc"]
+    except SystemExit as stop:
+        raise SystemExit(interrupt_exit_code(stop)) from stop
     except Exception as err:
-        exit_on_config_error(err)
+        exit_on_error(err)
         raise
-    return metrics["test/acc"]
 
 
 if __name__ == "__main__":
     try:
-        sys.argv[1:] = eval_overrides(sys.argv[1:])
-    except ConfigError as err:
-        exit_on_config_error(err)
+        sys.argv[1:] = eval_command_line(sys.argv[1:])
+    except Exception as err:
+        exit_on_error(err)
         raise
     main()

@@ -16,8 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from train import resolve_checkpoint
-from validation import ConfigError, exit_on_config_error
+from cli import ConfigError, exit_on_error, resolve_checkpoint
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 KEYS = ("ckpt_path", "inputs")
@@ -112,6 +111,6 @@ def main(args: list[str]) -> None:
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except ConfigError as err:
-        exit_on_config_error(err)
+    except Exception as err:
+        exit_on_error(err)
         raise

@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from data_modules import MNISTDataModule
-from train import CONFIG_DIR, PROJECT_DIR, group_overrides
+from cli import CONFIG_DIR, PROJECT_DIR, spell_for_hydra
 
 # Enough of every stage to run it for real, small enough for a 2-core CPU.
 TINY_RUN = [
@@ -35,12 +35,12 @@ def mnist_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def compose_config(*overrides: str) -> DictConfig:
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=group_overrides(list(overrides)))
+        return compose(config_name="config", overrides=[spell_for_hydra(arg, CONFIG_DIR) for arg in overrides])
 
 
-def run_train(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_train(*args: str, env: dict[str, str] | None = None, script: str = "train.py") -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "train.py", *args],
+        [sys.executable, script, *args],
         cwd=PROJECT_DIR,
         env={**os.environ, **(env or {})},
         capture_output=True,

@@ -5,7 +5,7 @@ import pytest
 from conftest import compose_config, run_train, run_train_watching_imports
 from hydra import compose, initialize_config_dir
 
-from train import CONFIG_DIR, group_overrides
+from cli import CONFIG_DIR, command_line
 
 EXPECTED = (Path(__file__).parent / "expected_config.yaml").read_text()
 
@@ -39,8 +39,9 @@ def test_printing_the_config_imports_neither_torch_nor_lightning():
         ("-m", "-m"),
     ],
 )
-def test_group_overrides_rewrites_only_config_groups(given, expected):
-    assert group_overrides([given]) == [expected]
+def test_command_line_rewrites_only_config_groups(given, expected):
+    assert command_line([given]) == [expected]
+    assert command_line([expected]) == [expected]  # a fixed point: DDP's processes re-run it
 
 
 @pytest.mark.parametrize("override", ["task.model.backbone=resnet50", "task/model/backbone=resnet50"])
