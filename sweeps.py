@@ -5,13 +5,18 @@ sweep's `summary.md`, `summary.csv`, `summary_by_config.csv` and `comparison.png
 its jobs' `run.json`. Hydra builds `SweepReport` (config.yaml's `hydra.callbacks`) before it
 validates or runs anything, so this module imports neither torch nor Lightning: a typo must fail
 in a second.
+
+`python -m sweeps PATH [PATH ...]` builds the same tables for any runs: single run folders, sweep
+folders, or folders above them.
 """
 
+import argparse
 import atexit
 import csv
 import json
 import os
 import statistics
+import sys
 import textwrap
 import time
 from collections import Counter
@@ -318,3 +323,40 @@ class SweepReport(HydraCallback):
     def _report(self) -> None:
         if self.sweep_dir is not None and self.sweep_dir.is_dir():
             print_summary(write_summary(self.sweep_dir), self.sweep_dir)
+
+
+def find_runs(paths: list[Path]) -> list[Path]:
+    """The folders holding a run.json at or below each path, in path order, job folders by number."""
+    runs: dict[Path, None] = {}  # a set that keeps its order
+    for path in paths:
+        found = {record.parent for record in Path(path).rglob(RECORD)}
+        # A sweep's job that died before writing run.json still counts, as 'interrupted'.
+        found |= {job for run in found if run.name.isdigit() for job in run.parent.iterdir() if job.name.isdigit()}
+        runs.update(dict.fromkeys(sorted(found, key=lambda p: [(int(s) if s.isdigit() else -1, s) for s in p.parts])))
+    return [run for run in runs if run.is_dir()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m sweeps",
+        description="Compare runs: summary tables and a plot of every run.json at or below the given folders.",
+    )
+    parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="a run folder, a sweep folder or above")
+    parser.add_argument(
+        "--out", type=Path, default=Path("comparison"), help="where the files go (default: ./comparison)"
+    )
+    args = parser.parse_args(argv)
+    runs = find_runs(args.paths)
+    if not runs:
+        print(f"error: no {RECORD} in or below {' '.join(map(str, args.paths))}", file=sys.stderr)
+        return 2
+    rows = rows_for([(str(run), read_record(run) or {}) for run in runs])
+    write_tables(rows, args.out)
+    print_summary(rows, args.out, title=f"Comparison of {len(rows)} runs")
+    written = ["summary.md", "summary.csv", "summary_by_config.csv", "comparison.png"]
+    print(f"wrote {', '.join(f for f in written if (args.out / f).is_file())} in {args.out}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

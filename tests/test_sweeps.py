@@ -1,7 +1,10 @@
-"""Sweep summaries, from hand-written run.json files: no training."""
+"""Sweep summaries and `python -m sweeps`, from hand-written run.json files: no training."""
 
 import csv
+import os
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,8 +13,9 @@ from matplotlib.axes import Axes
 from omegaconf import OmegaConf
 
 import sweeps
-from sweeps import SUMMARY_COLUMNS, SweepReport, print_summary, summary_rows, write_record, write_summary
+from sweeps import SUMMARY_COLUMNS, SweepReport, main, print_summary, summary_rows, write_record, write_summary
 
+PROJECT_DIR = Path(__file__).resolve().parents[1]
 COMMON = ["trainer=cpu", "+trainer.limit_train_batches=3"]
 
 
@@ -228,3 +232,59 @@ def test_a_rerun_without_varying_seeds_removes_a_stale_by_config_table(tmp_path)
 
     assert not (sweep / "summary_by_config.csv").exists()
     assert "By configuration" not in (sweep / "summary.md").read_text()
+
+
+def test_compare_finds_runs_in_run_folders_sweeps_and_parents(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_record(Path("outputs/2026-11-29/10-00-00"), record("task.optimizer.lr=0.1", "seed=1"))
+    write_record(Path("outputs/2026-11-30/09-00-00"), record("task.optimizer.lr=0.1", "seed=2"))
+    make_sweep(Path("multirun/sweep"), [record("task.optimizer.lr=0.01", f"seed={seed}") for seed in range(11)])
+    Path("multirun/sweep/11").mkdir()  # a job that died before writing run.json
+
+    # The sweep is named twice (itself and its parent): its jobs still count once.
+    assert main(["outputs/2026-11-29/10-00-00", "multirun", "multirun/sweep", "outputs"]) == 0
+
+    summary = read_csv(Path("comparison/summary.csv"))
+    assert [row["job"] for row in summary] == [
+        "outputs/2026-11-29/10-00-00",
+        *(f"multirun/sweep/{job}" for job in range(12)),
+        "outputs/2026-11-30/09-00-00",
+    ]
+    assert summary[-2]["status"] == "interrupted"
+    by_config = read_csv(Path("comparison/summary_by_config.csv"))
+    assert [(row["config"], row["seeds"]) for row in by_config] == [
+        ("task.optimizer.lr=0.1", "2"),
+        ("task.optimizer.lr=0.01", "11"),
+        ("(no run.json)", "1"),
+    ]
+    assert Path("comparison/summary.md").is_file()
+    assert Path("comparison/comparison.png").is_file()
+    out = capsys.readouterr().out
+    assert "multirun/sweep/10 " in out
+    assert "comparison/" in out.splitlines()[-1]
+
+
+def test_compare_writes_into_out(tmp_path, capsys):
+    write_record(tmp_path / "run", record("seed=1"))
+
+    assert main([str(tmp_path / "run"), "--out", str(tmp_path / "here")]) == 0
+
+    assert [row["job"] for row in read_csv(tmp_path / "here" / "summary.csv")] == [str(tmp_path / "run")]
+    assert str(tmp_path / "here") in capsys.readouterr().out
+
+
+def test_compare_without_any_run_json_exits_2_with_one_line(tmp_path):
+    (tmp_path / "empty" / "0").mkdir(parents=True)
+
+    result = subprocess.run(
+        [sys.executable, "-m", "sweeps", "empty", "missing"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(PROJECT_DIR)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == ["error: no run.json in or below empty missing"]
+    assert not (tmp_path / "comparison").exists()
