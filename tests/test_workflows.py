@@ -119,9 +119,13 @@ def test_sweep_summary_has_a_row_per_job_even_a_failed_one_and_a_rerun_skips_fin
     assert float(rows[0]["wall time (s)"]) > 0
     assert rows[1]["error"] == "ConfigError: task.optimizer.lr=-1: a finite number > 0; fix: task.optimizer.lr=5e-05"
     summary_md = (sweep_dir / "summary.md").read_text().splitlines()
-    assert len(summary_md) == 4  # header, rule, two jobs
-    assert "task.optimizer.lr=-1" in summary_md[3]
-    assert "| failed |" in summary_md[3]
+    assert summary_md[0].startswith("common: ")
+    assert "`trainer=cpu`" in summary_md[0]
+    table = [line for line in summary_md if line.startswith("|")]
+    assert len(table) == 4  # header, rule, two jobs
+    assert "task.optimizer.lr=-1" in table[3]
+    assert "trainer=cpu" not in table[3]
+    assert "| failed |" in table[3]
     assert (sweep_dir / "comparison.png").stat().st_size > 0
     assert "Sweep summary" in result.stdout
     assert "failed" in result.stdout
