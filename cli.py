@@ -169,8 +169,10 @@ def exit_on_error(err: BaseException) -> None:
     if message is not None and os.environ.get("HYDRA_FULL_ERROR") != "1":
         import logging
 
-        # The terminal gets the line on stderr; the run's log file (configs/hydra/job_logging) a copy.
-        logging.getLogger("logfile").info("error: %s", message)
+        # The terminal gets the line on stderr; the run's log file, once there is one, a copy.
+        logfile = logging.getLogger("logfile")
+        if logfile.handlers:  # configs/hydra/job_logging/run.yaml gives it the file alone
+            logfile.info("error: %s", message)
         print(f"error: {message}", file=sys.stderr, flush=True)
         sys.exit(2)
 

@@ -52,9 +52,10 @@ class SubprocessLauncher(Launcher):
         for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
             log.info("#%d : %s", idx, " ".join(filter_overrides(overrides)))
             config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
-            job_dir = Path(config.hydra.sweep.dir, config.hydra.sweep.subdir).resolve()
             with open_dict(config):
                 config.hydra.job.id = config.hydra.job.num = idx
+            job_dir = Path(config.hydra.sweep.dir, config.hydra.sweep.subdir).resolve()
+            with open_dict(config):
                 config.hydra.runtime.output_dir = str(job_dir)
             self.hydra_context.callbacks.on_job_start(config=config, task_function=self.task_function)
             ret = self.run_job(list(overrides), job_dir, idx)
