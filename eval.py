@@ -51,8 +51,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     from hydra.utils import instantiate
 
     from checkpoints import load_task
-    from reports import progress_bar
+    from reports import progress_bar, quiet_libraries
 
+    quiet_libraries()
     task, _ = load_task(cfg.ckpt_path)
     log.info("Loaded task <%s> from %s", cfg.task._target_, cfg.ckpt_path)
     datamodule = instantiate(cfg.data_module)
@@ -65,10 +66,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     )
     metrics = trainer.test(task, datamodule=datamodule)[0]
     images = int(task.test_confusion.compute().sum())  # summed over every process
-    log.info(
-        "test accuracy: %.4f test loss: %.4f on %d test images (%s)",
-        metrics["test/acc"], metrics["test/loss"], images, cfg.ckpt_path,
-    )
+    if trainer.is_global_zero:
+        log.info(
+            "test accuracy: %.4f test loss: %.4f on %d test images (%s)",
+            *(metrics["test/acc"], metrics["test/loss"], images, cfg.ckpt_path),
+        )
     return {**metrics, "images": images}
 
 

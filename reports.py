@@ -33,6 +33,24 @@ matplotlib.use("Agg")
 log = logging.getLogger(__name__)
 
 
+class LibraryNoise(logging.Filter):
+    """Drops library lines that say nothing about the user's run."""
+
+    NOISE = ("💡 Tip:",)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.NOISE)
+
+
+def quiet_libraries() -> None:
+    """Silence what a user cannot act on, at its source: torch 2.14 deprecates an API that Lightning
+    2.6 calls, and Lightning advertises a cloud logger when its trainer is built."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(LibraryNoise())
+
+
 class RunRecord(pl.Callback):
     """Owns the run's record: `run.json` in the run folder, and the config, overrides and seed in
     every checkpoint (enough for eval.py and predict.py to rebuild the model without the folder).

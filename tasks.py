@@ -5,6 +5,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
@@ -43,6 +44,8 @@ class MNISTClassification(pl.LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes=10, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=10, average="micro")
         self.test_confusion = MulticlassConfusionMatrix(num_classes=10)
+        # Lightning's model summary counts FLOPs on this input (0 without one).
+        self.example_input_array = torch.zeros(1, 1, 28, 28)
 
     def forward(self, x: Tensor) -> Tensor:
         # Under trainer.precision=bf16-true/16-true/64-true the weights change dtype; the batch,
@@ -54,8 +57,8 @@ class MNISTClassification(pl.LightningModule):
         logits = self(x)
         loss = self.loss_function(logits, y)
         self.train_acc.update(logits, y)
-        # on_epoch: Lightning keeps the epoch's mean (train/loss_epoch) on the device, no sync per step.
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
+        # on_epoch: Lightning keeps the epoch's mean (train/loss_epoch) on the device, with no host sync.
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         if batch_idx % self.trainer.log_every_n_steps == 0:
             self.stop_if_diverged(loss)

@@ -34,8 +34,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from hydra.utils import instantiate
 
     from checkpoints import AtomicCheckpointIO
-    from reports import RunRecord, print_config
+    from reports import RunRecord, print_config, quiet_libraries
 
+    quiet_libraries()
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     ckpt_path = cfg.get("ckpt_path")
@@ -59,7 +60,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
         best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None  # none under fast_dev_run
         trainer.test(task, datamodule=datamodule, ckpt_path=best, weights_only=True)
-    log.info("test accuracy: %.4f (%s; fit took %.0f s)", record.metrics["test/acc"], best or "last weights", record.fit_seconds)
+    if trainer.is_global_zero:
+        log.info("test accuracy: %.4f (%s; fit took %.0f s)", record.metrics["test/acc"], best or "last weights", record.fit_seconds)
     return record.metrics
 
 

@@ -149,21 +149,89 @@ def check_node(key: str, node: DictConfig, schema: type) -> None:
 
 def check_targets(cfg: DictConfig) -> None:
     """Every `_target_` must name something that can be imported."""
+    for key, node in target_nodes(cfg):
+        target = str(node.get("_target_"))
+        module, name = importable_prefix(target)
+        if module is None:
+            raise ConfigError(
+                f"{key}._target_={target}: no module of that name can be imported; fix: {key}._target_=<module.Name>"
+            )
+        missing = next((part for part in name.split(".") if part and not hasattr(module, part)), None)
+        if name and missing is not None:
+            close = difflib.get_close_matches(missing, [n for n in dir(module) if not n.startswith("_")], n=1)
+            fix = f"{module.__name__}.{close[0]}" if close else "<an importable name>"
+            raise ConfigError(f"{key}._target_={target}: {module.__name__} has no {missing}; fix: {key}._target_={fix}")
+
+
+def importable_prefix(target: str) -> tuple[Any, str]:
+    """The longest leading part of a dotted name that imports as a module, and the rest."""
+    import importlib
+
+    parts = target.split(".")
+    for end in range(len(parts), 0, -1):
+        try:
+            return importlib.import_module(".".join(parts[:end])), ".".join(parts[end:])
+        except ImportError:
+            continue
+    return None, target
+
+
+def check_trainer_arguments(trainer: DictConfig) -> None:
+    """Each `trainer.*` key must be an argument of the Trainer, with a value its type annotation allows.
+    Lightning checks ranges and combinations itself when the trainer is built; it does not check
+    plain types (`max_epochs=abc` would fail an hour later)."""
+    import inspect
+    import typing
+
     from hydra.utils import get_object
 
-    for key, node in target_nodes(cfg):
-        target = node.get("_target_")
-        try:
-            get_object(target)
-        except Exception as err:
-            module, _, name = str(target).rpartition(".")
-            try:
-                names = [n for n in dir(get_object(module)) if not n.startswith("_")] if module else []
-            except Exception:
-                names = []
-            close = difflib.get_close_matches(name, names, n=1)
-            fix = f"{module}.{close[0]}" if close else "<an importable name>"
-            raise ConfigError(f"{key}._target_={target}: cannot be imported ({err}); fix: {key}._target_={fix}") from err
+    target = get_object(trainer._target_)
+    parameters = inspect.signature(target.__init__).parameters
+    for key, value in OmegaConf.to_container(trainer, resolve=True).items():
+        if key == "_target_":
+            continue
+        name = f"trainer.{key}"
+        if key not in parameters:
+            close = difflib.get_close_matches(key, list(parameters), n=1)
+            fix = f"trainer.{close[0]}={show(value)}" if close else f"~trainer.{key}"
+            raise ConfigError(f"{name}={show(value)}: not an argument of {trainer._target_}; fix: {fix}")
+        kinds = typing.get_args(parameters[key].annotation) or (parameters[key].annotation,)
+        allowed = []
+        for kind in kinds:
+            if typing.get_origin(kind) is typing.Literal:
+                allowed += [show(v) for v in typing.get_args(kind)]
+            elif kind in SCALARS:
+                allowed.append(SCALARS[kind])
+            else:
+                return_early = True
+                break
+        else:
+            return_early = False
+        if return_early or fits(value, kinds):
+            continue
+        default = parameters[key].default
+        fix = f"{name}={show(default)}" if default is not inspect.Parameter.empty else f"~{name}"
+        allowed = list(dict.fromkeys(allowed))
+        text = allowed[0] if len(allowed) == 1 else f"{', '.join(allowed[:-1])} or {allowed[-1]}"
+        raise ConfigError(f"{name}={show(value)}: {text}; fix: {fix}")
+
+
+SCALARS = {int: "a whole number", float: "a number", bool: "true or false", str: "a string", type(None): "null"}
+
+
+def fits(value: Any, kinds: tuple) -> bool:
+    import typing
+
+    for kind in kinds:
+        if typing.get_origin(kind) is typing.Literal and value in typing.get_args(kind) and not isinstance(value, bool):
+            return True
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return True
+        if kind in (bool, str, type(None)) and isinstance(value, kind):
+            return True
+    return False
 
 
 def build_trainer(cfg: DictConfig) -> Any:
@@ -180,6 +248,7 @@ def build_trainer(cfg: DictConfig) -> Any:
                 f"trainer.accelerator={cfg.trainer.accelerator}: PyTorch sees no CUDA GPU here; "
                 "fix: train on the CPU with trainer=cpu"
             )
+    check_trainer_arguments(cfg.trainer)
     quiet = logging.getLogger("pytorch_lightning")
     level, quiet.level = quiet.level, logging.WARNING  # "GPU available: ..." belongs to the real trainer
     try:
@@ -194,15 +263,14 @@ def build_trainer(cfg: DictConfig) -> Any:
         quiet.level = level
 
 
-def check_processes(trainer: Any, launcher: str | None) -> None:
+def check_processes(trainer: Any, strategy: Any, launcher: str | None = None) -> None:
     """Refuse strategies whose processes could not write this run's records."""
-    from lightning_fabric.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
-    from pytorch_lightning.strategies.launchers import _MultiProcessingLauncher
+    from pytorch_lightning.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
 
     started_by = trainer.strategy.launcher
     if isinstance(started_by, _MultiProcessingLauncher):
         raise ConfigError(
-            f"trainer.strategy={type(trainer.strategy).__name__}: spawned processes hand nothing back to the run "
+            f"trainer.strategy={strategy}: spawned processes hand nothing back to the run "
             "(run.json, metrics.csv and the learning curve would stay empty); fix: trainer=ddp_cpu on CPUs, "
             "trainer=ddp on GPUs"
         )
@@ -254,7 +322,7 @@ def check_run(cfg: DictConfig, launcher: str | None = None) -> None:
     """Everything about one run's config, fastest checks first."""
     check_schemas(cfg)
     check_targets(cfg)
-    check_processes(build_trainer(cfg), launcher)
+    check_processes(build_trainer(cfg), cfg.trainer.get("strategy"), launcher)
     check_data_dir(cfg)
 
 

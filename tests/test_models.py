@@ -8,7 +8,8 @@ import backbones
 from adapters import LinearAdapter
 from heads import IdentityHead
 from models import SimpleModel
-from validation import ConfigError
+from cli import user_error
+from models import AdapterMismatch
 
 
 @pytest.mark.parametrize("option", ["resnet18", "resnet34", "resnet50"])
@@ -24,10 +25,9 @@ def test_every_backbone_builds_from_its_config_and_classifies_digits(option):
 
 
 def test_adapter_that_does_not_fit_the_backbone_is_named():
-    with pytest.raises(
-        ConfigError, match=r"task.model.adapter.in_features=2048 .* set task.model.adapter.in_features=512"
-    ):
+    with pytest.raises(AdapterMismatch, match=r"the adapter takes 2048 features but ResNet18 gives 512") as err:
         SimpleModel(backbones.ResNet18(), LinearAdapter(2048, 10), IdentityHead())
+    assert "fix: set task.model.adapter.in_features" in user_error(err.value)
 
 
 def test_task_completes_the_partial_optimizer_with_model_parameters():
@@ -62,6 +62,7 @@ def test_pretrained_without_weights_names_the_fix(tmp_path, monkeypatch):
         raise OSError("no network")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
-    with pytest.raises(ConfigError, match="task.model.backbone.pretrained=false") as err:
+    with pytest.raises(backbones.WeightsUnavailable, match="could not be downloaded") as err:
         backbones.ResNet50(pretrained=True)
     assert str(tmp_path / "hub" / "checkpoints" / "resnet50-0676ba61.pth") in str(err.value)
+    assert user_error(err.value).endswith("fix: train from scratch with task.model.backbone.pretrained=false")

@@ -1,5 +1,6 @@
 """Fast checks of the pieces behind resume, checkpoints, loggers, summaries and predict."""
 
+import csv
 import os
 import time
 
@@ -7,15 +8,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from hydra.core.override_parser.overrides_parser import OverridesParser
 
 import checkpoints
 from checkpoints import AtomicCheckpointIO
+from cli import CONFIG_DIR, ConfigError, command_line, spell_for_hydra, find_last_checkpoint, quoted, resolve_checkpoint, user_error
 from predict import to_mnist
-from reports import build_loggers
+from reports import ContinuedCSVLogger
 from sweeps import summary_rows, write_record, write_summary
-from train import find_last_checkpoint, group_overrides, merge_overrides, resolve_checkpoint, resume_overrides
-from validation import ConfigError
 
 
 @pytest.mark.parametrize(
@@ -28,7 +28,12 @@ from validation import ConfigError
     ],
 )
 def test_run_keys_absent_from_config_yaml_are_added_with_plus_plus(given, expected):
-    assert group_overrides([given]) == [expected]
+    assert spell_for_hydra(given, CONFIG_DIR) == expected
+
+
+@pytest.mark.parametrize("path", ["/tmp/plain/last.ckpt", "/tmp/it's here/a b.ckpt", r"C:\runs\x\last.ckpt", "/tmp/end\\"])
+def test_quoted_paths_read_back_as_themselves(path):
+    assert OverridesParser.create().parse_override(f"ckpt_path={quoted(path)}").value() == path
 
 
 def make_checkpoint(path, mtime):
@@ -52,7 +57,7 @@ def test_ckpt_path_last_is_the_newest_last_ckpt_of_any_run_or_sweep_job(tmp_path
 def test_ckpt_path_last_without_runs_names_the_fix(tmp_path):
     with pytest.raises(ConfigError, match=r"ckpt_path=last .* ckpt_path=outputs/DATE/TIME/checkpoints/last.ckpt"):
         resolve_checkpoint("last", (tmp_path / "outputs",))
-    with pytest.raises(ConfigError, match=r"ckpt_path=nowhere.ckpt is not a file"):
+    with pytest.raises(ConfigError, match=r"ckpt_path=nowhere.ckpt: not a file"):
         resolve_checkpoint("nowhere.ckpt")
 
 
@@ -64,7 +69,7 @@ def test_resume_recalls_the_runs_overrides_and_folder_and_lets_new_ones_win(tmp_
         "- trainer=cpu\n- trainer.max_epochs=1\n- +trainer.limit_train_batches=3\n- ++seed=7\n- ++ckpt_path=old.ckpt\n"
     )
 
-    args = resume_overrides([f"++ckpt_path={ckpt}", "trainer.max_epochs=2", "+trainer.limit_train_batches=5"])
+    args = command_line([f"ckpt_path={ckpt}", "trainer.max_epochs=2", "+trainer.limit_train_batches=5"])
 
     assert args == [
         "trainer=cpu",
@@ -74,12 +79,18 @@ def test_resume_recalls_the_runs_overrides_and_folder_and_lets_new_ones_win(tmp_
         "+trainer.limit_train_batches=5",
         f"hydra.run.dir='{run_dir}'",
     ]
+    # Lightning's DDP processes re-run the command line as it now is: they must arrive at the same one.
+    assert command_line(args) == args
 
 
-def test_merge_overrides_treats_both_group_spellings_as_one_key():
-    assert merge_overrides(["task/model/backbone=resnet34"], ["task.model.backbone=resnet50"]) == [
-        "task.model.backbone=resnet50"
-    ]
+def test_both_group_spellings_are_one_key_when_a_run_continues(tmp_path):
+    run_dir = tmp_path / "run"
+    ckpt = make_checkpoint(run_dir / "checkpoints" / "last.ckpt", time.time())
+    (run_dir / ".hydra").mkdir()
+    (run_dir / ".hydra" / "overrides.yaml").write_text("- task/model/backbone=resnet34\n")
+    args = command_line([f"ckpt_path={ckpt}", "task.model.backbone=resnet50"])
+    assert "task/model/backbone=resnet50" in args
+    assert not any("resnet34" in arg for arg in args)
 
 
 def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_intact(tmp_path, monkeypatch):
@@ -99,15 +110,47 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_intact(tmp_p
     assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]  # no partial file left behind
 
 
-def test_loggers_default_to_csv_and_tensorboard_and_none_means_none(tmp_path):
-    default = build_loggers(None, None, tmp_path)
-    assert [type(logger) for logger in default] == [CSVLogger, TensorBoardLogger]
-    assert build_loggers({}, "none", tmp_path) == []
-    csv_only = build_loggers(
-        {"csv": {"_target_": "pytorch_lightning.loggers.CSVLogger", "name": "", "version": ""}}, "csv", tmp_path
-    )
-    assert [type(logger) for logger in csv_only] == [CSVLogger]
-    assert csv_only[0].log_dir.rstrip("/") == str(tmp_path)
+def test_a_full_disk_is_named_with_the_space_needed_and_the_last_checkpoint_stays(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"epoch": 1}, path)
+
+    def disk_full(obj, f, *args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(checkpoints.torch, "save", disk_full)
+    monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda p: shutil_usage(free=5 * 2**20))
+    with pytest.raises(OSError, match=r"no space left to write the checkpoint last.ckpt in .*40 MB and 5 MB") as err:
+        io.save_checkpoint({"epoch": 2, "weights": torch.zeros(10 * 2**20)}, path)
+    assert torch.load(path) == {"epoch": 1}
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]
+    assert user_error(err.value).endswith("fix: free space there, or write the run elsewhere with hydra.run.dir=PATH")
+
+
+def shutil_usage(free: int):
+    from collections import namedtuple
+
+    return namedtuple("usage", "total used free")(free * 10, free * 9, free)
+
+
+def test_a_continued_csv_log_keeps_the_rows_before_the_checkpoint_once(tmp_path):
+    first = ContinuedCSVLogger(str(tmp_path))
+    for step in range(6):
+        first.log_metrics({"train/loss": float(step)}, step=step)
+    first.save()
+    assert first.purge_step is None
+
+    # Continued from a checkpoint taken at step 4: steps 4 and 5 are logged again.
+    second = ContinuedCSVLogger(str(tmp_path), purge_step=4)
+    for step in (4, 5, 6):
+        second.log_metrics({"train/loss": 10.0 + step, "val/acc": 0.5}, step=step)
+    second.save()
+
+    with (tmp_path / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [int(row["step"]) for row in rows] == [0, 1, 2, 3, 4, 5, 6]
+    assert [float(row["train/loss"]) for row in rows] == [0, 1, 2, 3, 14, 15, 16]
+    assert rows[0]["val/acc"] == "" and rows[-1]["val/acc"] == "0.5"
 
 
 def test_summary_rows_mark_a_job_that_never_ended_as_interrupted(tmp_path):
