@@ -107,12 +107,15 @@ def resolve_checkpoint(value: str, roots: tuple[Path, ...] = RUN_ROOTS) -> Path:
         if found is None:
             raise ConfigError(
                 f"ckpt_path=last but there is no checkpoints/last.ckpt under {' or '.join(map(str, roots))} "
-                "here; fix: run from the project folder or give the file: ckpt_path=outputs/DATE/TIME/checkpoints/last.ckpt"
+                "here; fix: run from the project folder or give the file: "
+                "ckpt_path=outputs/DATE/TIME/checkpoints/last.ckpt"
             )
         return found.resolve()
     path = Path(value).expanduser().resolve()
     if not path.is_file():
-        raise ConfigError(f"ckpt_path={value}: not a file; fix: give a .ckpt file written by train.py, or ckpt_path=last")
+        raise ConfigError(
+            f"ckpt_path={value}: not a file; fix: give a .ckpt file written by train.py, or ckpt_path=last"
+        )
     return path
 
 

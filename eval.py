@@ -15,7 +15,15 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from cli import ConfigError, exit_on_error, interrupt_exit_code, override_key, override_value, quoted, resolve_checkpoint
+from cli import (
+    ConfigError,
+    exit_on_error,
+    interrupt_exit_code,
+    override_key,
+    override_value,
+    quoted,
+    resolve_checkpoint,
+)
 from cli import spell_for_hydra as spelled
 
 log = logging.getLogger(__name__)

@@ -93,7 +93,9 @@ class RunRecord(pl.Callback):
             if interrupted:
                 self.write(status="interrupted", error="Ctrl-C or SIGTERM; continue with ckpt_path=last")
             else:
-                reason = user_error(err) or f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err) else ''}"
+                reason = (
+                    user_error(err) or f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err) else ''}"
+                )
                 self.write(status="failed", error=reason)
             raise
 

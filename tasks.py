@@ -64,6 +64,11 @@ class MNISTClassification(pl.LightningModule):
             self.stop_if_diverged(loss)
         return loss
 
+    def on_train_epoch_end(self) -> None:
+        mean = self.trainer.callback_metrics.get("train/loss_epoch")  # reduced over ranks: the same on each
+        if mean is not None:
+            self.stop_if_diverged(mean)
+
     def stop_if_diverged(self, loss: Tensor) -> None:
         """Every rank stops together: the decision is reduced over ranks, so no rank raises alone
         while the others wait in an all-reduce. Checked every `log_every_n_steps` batches, since

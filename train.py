@@ -41,6 +41,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     ckpt_path = cfg.get("ckpt_path")
     seed = run_seed(cfg, run_dir)
+    # Each process's own log file (not the terminal) says what it trains: DDP ranks must agree.
+    logging.getLogger("logfile").info("seed %d, overrides %s", seed, " ".join(hydra_cfg.overrides.task))
     record = RunRecord(run_dir, cfg, list(hydra_cfg.overrides.task), seed)
     with record.failures():
         print_config(cfg, run_dir)
@@ -61,7 +63,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
         best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None  # none under fast_dev_run
         trainer.test(task, datamodule=datamodule, ckpt_path=best, weights_only=True)
     if trainer.is_global_zero:
-        log.info("test accuracy: %.4f (%s; fit took %.0f s)", record.metrics["test/acc"], best or "last weights", record.fit_seconds)
+        log.info(
+            "test accuracy: %.4f (%s; fit took %.0f s)",
+            record.metrics["test/acc"],
+            best or "last weights",
+            record.fit_seconds,
+        )
     return record.metrics
 
 

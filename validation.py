@@ -292,18 +292,16 @@ def data_dir_path(data_dir: str) -> Path:
 
 def check_writable(key: str, folder: Path, fix: str) -> None:
     """Create `folder` and write a file in it for real: `os.access` says yes to root on a read-only mount."""
-    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    missing = [path for path in (folder, *folder.parents) if not path.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".write-probe-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
-        for path in missing:
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else None
+        if missing:
+            shutil.rmtree(missing[-1], ignore_errors=True)  # the topmost folder this made
         raise ConfigError(f"{key}={folder}: a folder this process can write ({err.strerror}); fix: {fix}") from err
-    for path in reversed(missing[1:]) if key == "data_module.data_dir" else []:
-        pass
 
 
 def check_data_dir(cfg: DictConfig) -> None:

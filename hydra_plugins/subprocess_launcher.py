@@ -80,7 +80,14 @@ class SubprocessLauncher(Launcher):
         resume = [f"++ckpt_path={quoted(last)}"] if last.is_file() else []
         if resume:
             log.info("job %d continues from %s", idx, last)
-        command = [sys.executable, sys.argv[0], *overrides, *resume, f"hydra.run.dir={quoted(job_dir)}", "hydra.mode=RUN"]
+        command = [
+            sys.executable,
+            sys.argv[0],
+            *overrides,
+            *resume,
+            f"hydra.run.dir={quoted(job_dir)}",
+            "hydra.mode=RUN",
+        ]
         error_lines = run_teeing_stderr(command)
         return self.job_return(read_record(job_dir), error_lines)
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import mnist_files
+from cli import PROJECT_DIR
 from data_modules import MNISTDataModule
 from mnist_files import RAW_FILES, damaged_files
-from train import PROJECT_DIR
 
 
 def test_offline_source_builds_the_original_files_in_an_empty_folder(tmp_path, monkeypatch):

@@ -1,5 +1,12 @@
 """Data-parallel training (trainer=ddp_cpu) and sweeps on Hydra's launcher plugins."""
 
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -11,8 +18,8 @@ from lightning_fabric.utilities.data import _replace_dunder_methods, _set_sample
 from pytorch_lightning.trainer.states import RunningStage
 from torch.utils.data import BatchSampler, DistributedSampler
 
+from cli import CONFIG_DIR, PROJECT_DIR
 from data_modules import IndexTensorBatchSampler, InMemoryDigits, MNISTDataModule
-from train import CONFIG_DIR
 
 # TINY_RUN on the 2-process CPU trainer, 16 images a process.
 TINY_DDP_RUN = [*(a for a in TINY_RUN if not a.startswith("trainer=")), "trainer=ddp_cpu", "data_module.batch_size=16"]
@@ -22,17 +29,6 @@ def test_ddp_cpu_trainer_is_two_gloo_processes():
     trainer = instantiate(compose_config("trainer=ddp_cpu").trainer, logger=False)
     assert trainer.world_size == 2
     assert trainer.strategy.process_group_backend == "gloo"
-
-
-def test_ddp_trainer_takes_every_gpu_in_bf16():
-    cfg = compose_config("trainer=ddp", "trainer.num_nodes=2").trainer
-    assert (cfg.accelerator, cfg.devices, cfg.num_nodes, cfg.strategy, cfg.precision) == (
-        "gpu",
-        -1,
-        2,
-        "ddp",
-        "bf16-mixed",
-    )
 
 
 def test_slurm_launcher_asks_for_one_task_per_gpu():
@@ -74,19 +70,81 @@ def test_ranks_share_out_each_epoch_so_no_sample_is_seen_twice(world_size):
     assert not torch.equal(torch.cat(rank_batches(2, 0, 0)), torch.cat(rank_batches(2, 0, 1)))  # reshuffled
 
 
-@pytest.mark.slow
-def test_two_process_fit_and_test_keep_one_run_directory_and_print_once(tmp_path, mnist_dir):
-    run_dir = tmp_path / "run"
-    result = run_train(*TINY_DDP_RUN, f"data_module.data_dir={mnist_dir}", f"hydra.run.dir={run_dir}")
+def rank_lines(run_dir: Path) -> list[str]:
+    """What each process's own log says it trained: `seed N, overrides ...`."""
+    logs = [run_dir / "train.log", run_dir / "train_ddp_process_1.log"]
+    return [
+        next(line.split(" - ", 1)[1] for line in log.read_text().splitlines() if " - seed " in line) for log in logs
+    ]
 
+
+def record(run_dir: Path) -> dict:
+    return json.loads((run_dir / "run.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory, mnist_dir) -> tuple[Path, subprocess.CompletedProcess]:
+    """A finished 2-process run of one epoch, without seed= (each process derives the same one)."""
+    run_dir = tmp_path_factory.mktemp("ddp") / "run"
+    result = run_train(*TINY_DDP_RUN, f"data_module.data_dir={mnist_dir}", f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr
+    return run_dir, result
+
+
+@pytest.mark.slow
+def test_two_process_fit_and_test_keep_one_run_directory_and_print_once(ddp_run):
+    run_dir, result = ddp_run
     assert "Starting with 2 processes" in result.stdout + result.stderr
     assert result.stdout.count("test accuracy: ") == 1
     assert result.stdout.count("Test metric") == 1
-    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+    assert [p.name for p in run_dir.parent.iterdir()] == ["run"]
     assert "GLOBAL_RANK: 1" in (run_dir / "train_ddp_process_1.log").read_text()
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert "test/acc" in (run_dir / "metrics.csv").read_text()
+    ranks = rank_lines(run_dir)
+    assert ranks[0] == ranks[1]  # the same seed and overrides in both processes
+    assert ranks[0].startswith(f"seed {record(run_dir)['seed']}, ")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["path", "last"])
+def test_a_ddp_run_continues_in_both_processes_and_keeps_its_seed_and_history(how, ddp_run, tmp_path):
+    source, _ = ddp_run
+    # `last` finds the newest last.ckpt under ./outputs and ./multirun of the folder the command runs in.
+    run_dir = tmp_path / "outputs" / "run"
+    shutil.copytree(source, run_dir)
+    seed = record(run_dir)["seed"]
+    cwd = tmp_path if how == "last" else PROJECT_DIR
+    value = "last" if how == "last" else str(run_dir / "checkpoints" / "last.ckpt")
+    result = subprocess.run(
+        [sys.executable, str(PROJECT_DIR / "train.py"), f"ckpt_path={value}", "trainer.max_epochs=2"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "epoch 2/2" in result.stdout
+    assert "epoch 1/2" not in result.stdout
+    assert (record(run_dir)["status"], record(run_dir)["epochs"], record(run_dir)["seed"]) == ("completed", 2, seed)
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["seed"] == seed
+    ranks = rank_lines(run_dir)
+    assert ranks[0] == ranks[1]
+    assert "ckpt_path=" in ranks[1]
+    with (run_dir / "metrics.csv").open() as f:
+        epochs = [int(row["epoch"]) for row in csv.DictReader(f) if row["train/loss_epoch"]]
+    assert epochs == [0, 1]
+
+
+@pytest.mark.slow
+def test_eval_of_a_ddp_checkpoint_on_two_processes_covers_the_whole_test_set(ddp_run, tmp_path):
+    run_dir, _ = ddp_run
+    result = run_train(
+        f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", f"hydra.run.dir={tmp_path / 'eval'}", script="eval.py"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("test accuracy: ") == 1
+    assert "on 10000 test images" in result.stdout  # the run's limit_test_batches is not inherited
 
 
 def job_overrides(job_dir) -> list[str]:
@@ -94,46 +152,84 @@ def job_overrides(job_dir) -> list[str]:
 
 
 @pytest.mark.slow
-def test_ddp_inside_a_multirun_runs_each_job_once_in_its_own_directory(tmp_path, mnist_dir):
+def test_a_ddp_sweep_runs_each_job_once_goes_on_past_a_failed_rank_and_resumes(tmp_path, mnist_dir):
     sweep_dir = tmp_path / "sweep"
+    args = [
+        "-m",
+        "task.loss_function._target_=loss_functions.CrossEntropyLoss,diverging_loss.CrashOnRankOne",
+        *TINY_DDP_RUN,
+        f"data_module.data_dir={mnist_dir}",
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
+    env = {"PYTHONPATH": str(Path(__file__).parent)}
+    result = run_train(*args, env=env)
+
+    assert result.returncode != 0
+    assert result.stdout.count("#0 : ") == 1  # rank 1 re-running the command line would start the sweep again
+    assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == ["0", "1"]  # no stray run folders
+    job = sweep_dir / "0"
+    assert record(job)["status"] == "completed"
+    assert "GLOBAL_RANK: 1" in (job / "train_ddp_process_1.log").read_text()
+    ranks = rank_lines(job)
+    assert ranks[0] == ranks[1]
+    assert record(sweep_dir / "1")["status"] == "failed"
+    with (sweep_dir / "summary.csv").open() as f:
+        assert [row["status"] for row in csv.DictReader(f)] == ["completed", "failed"]
+
+    # Job 0 as SIGTERM leaves it: interrupted, with its last.ckpt. Running the sweep again continues it.
+    interrupted = {**record(job), "status": "interrupted"}
+    (job / "run.json").write_text(json.dumps(interrupted))
+    again = run_train(*args, env=env)
+    assert "job 0 continues from" in again.stdout
+    assert record(job)["status"] == "completed"
+    assert "ckpt_path=" in rank_lines(job)[1]  # rank 1 continued from the checkpoint too
+
+
+@pytest.mark.slow
+def test_an_optuna_search_on_ddp_trains_each_trial_in_both_processes(tmp_path, mnist_dir):
+    sweep_dir = tmp_path / "optuna"
     result = run_train(
         "-m",
-        "task.optimizer.lr=1e-3,1e-4",
+        "hparams_search=mnist_optuna",
+        "hydra.sweeper.n_trials=2",
         *TINY_DDP_RUN,
         f"data_module.data_dir={mnist_dir}",
         f"hydra.sweep.dir={sweep_dir}",
     )
-
     assert result.returncode == 0, result.stderr
-    # Rank 1 re-running the command line would launch the sweep a second time.
-    assert result.stdout.count("#0 : ") == 1
-    assert result.stdout.count("test accuracy: ") == 2
-    assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == ["0", "1"]  # no stray run folders
-    for job, lr in (("0", "0.001"), ("1", "0.0001")):
-        assert f"task.optimizer.lr={lr}" in job_overrides(sweep_dir / job)
-        assert "GLOBAL_RANK: 1" in (sweep_dir / job / "train_ddp_process_1.log").read_text()
-        assert (sweep_dir / job / "checkpoints" / "last.ckpt").is_file()
+    assert (sweep_dir / "optimization_results.yaml").is_file()
+    for job in ("0", "1"):
+        ranks = rank_lines(sweep_dir / job)
+        assert ranks[0] == ranks[1]
+        assert "task.optimizer.lr=" in ranks[1]
+        assert record(sweep_dir / job)["status"] == "completed"
+
+
+def test_pool_launchers_refuse_ddp_before_any_job(tmp_path):
+    result = run_train("-m", "hydra/launcher=joblib", *TINY_DDP_RUN, f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: hydra.launcher=JoblibLauncher with 2 processes per job")
+    assert not (tmp_path / "sweep").exists()
 
 
 @pytest.mark.slow
-def test_joblib_runs_a_ddp_sweep_in_parallel_worker_processes(tmp_path, mnist_dir):
+def test_joblib_runs_a_sweep_in_parallel_worker_processes(tmp_path, mnist_dir):
     sweep_dir = tmp_path / "sweep"
     result = run_train(
         "-m",
         "hydra/launcher=joblib",
         "hydra.launcher.n_jobs=2",
         "task.optimizer.lr=1e-3,1e-4",
-        *TINY_DDP_RUN,
+        *TINY_RUN,
         f"data_module.data_dir={mnist_dir}",
         f"hydra.sweep.dir={sweep_dir}",
     )
 
     assert result.returncode == 0, result.stderr
     assert "Joblib.Parallel(n_jobs=2" in result.stdout
-    assert result.stdout.count("test accuracy: ") == 2
     assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == ["0", "1"]  # no stray run folders
     for job in ("0", "1"):
-        assert "GLOBAL_RANK: 1" in (sweep_dir / job / "train_ddp_process_1.log").read_text()
+        assert record(sweep_dir / job)["status"] == "completed"
         assert (sweep_dir / job / "checkpoints" / "last.ckpt").is_file()
 
 

@@ -19,10 +19,9 @@ from torchvision.datasets import MNIST
 
 import backbones
 import mnist_files
+from cli import PROJECT_DIR
 from data_modules import MNISTDataModule
 from mnist_files import RAW_FILES, MNISTUnavailable, damaged_files, file_fault
-from train import PROJECT_DIR
-from validation import ConfigError
 
 pytestmark = pytest.mark.faults
 
@@ -156,7 +155,7 @@ def test_cached_imagenet_weights_that_carry_code_are_refused(tmp_path, monkeypat
     cached.parent.mkdir(parents=True)
     torch.save({"conv1.weight": RunsCode(tmp_path / "ran")}, cached)
 
-    with pytest.raises(ConfigError, match=f"{cached} holds more than plain tensors"):
+    with pytest.raises(backbones.WeightsUnavailable, match=f"{cached} holds more than plain tensors"):
         backbones.ResNet18(pretrained=True)
     assert not (tmp_path / "ran").exists()
 
@@ -177,10 +176,13 @@ def test_a_nan_loss_stops_the_run_naming_the_step(tmp_path, mnist_dir):
     )
 
     assert result.returncode == 2, result.stderr
-    assert result.stderr.strip().splitlines()[-1] == (
-        "error: task.optimizer.lr=0.001: the training loss became nan or inf at step 2, so the learning rate is "
-        "likely too high (or a batch holds bad values); fix: task.optimizer.lr=0.0001"
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == (
+        "error: the training loss became nan or inf by step 2 with task.optimizer.lr=0.001, so the learning rate is "
+        "likely too high (or a batch holds bad values); fix: lower task.optimizer.lr (a tenth is a good first try)"
     )
+    record = json.loads((run_dir / "run.json").read_text())
+    assert (record["status"], record["error"]) == ("failed", last.removeprefix("error: "))
     assert "Traceback" not in result.stdout + result.stderr
     assert "test accuracy" not in result.stdout
     with (run_dir / "metrics.csv").open() as f:
@@ -219,6 +221,13 @@ def assert_resumes_to_the_end(checkpoint: Path, run_dir: Path, epochs: int) -> N
     assert "test accuracy: " in result.stdout
     record = json.loads((run_dir / "run.json").read_text())
     assert (record["status"], record["epochs"]) == ("completed", epochs)
+    # The metric history holds every epoch once, and every logged step once, across the stop.
+    with (run_dir / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    epoch_rows = [int(row["epoch"]) for row in rows if row["train/loss_epoch"]]
+    assert epoch_rows == list(range(epochs))
+    step_rows = [int(row["step"]) for row in rows if row["train/loss_step"]]
+    assert step_rows == sorted(set(step_rows))
 
 
 @pytest.mark.slow
@@ -229,11 +238,13 @@ def test_sigterm_saves_where_the_run_stands_and_the_run_continues_from_there(tmp
     wait_for(lambda: "Instantiating trainer" in read(run_dir / "train.log"), process)
     time.sleep(random.uniform(2, 4))
     process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=120)
+    stdout, stderr = process.communicate(timeout=120)
 
     assert process.returncode == 143, stderr
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
-    assert f"saved {checkpoint}; continue with: python train.py ckpt_path={checkpoint}" in stderr
+    said = f"saved {checkpoint}; continue with: python train.py ckpt_path={checkpoint}"
+    assert said in stdout
+    assert said in read(run_dir / "train.log")
     assert "Traceback" not in stderr
     assert json.loads((run_dir / "run.json").read_text())["status"] == "interrupted"
     assert_resumes_to_the_end(checkpoint, run_dir, epochs=2)

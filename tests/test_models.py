@@ -6,10 +6,9 @@ from hydra.utils import instantiate
 
 import backbones
 from adapters import LinearAdapter
-from heads import IdentityHead
-from models import SimpleModel
 from cli import user_error
-from models import AdapterMismatch
+from heads import IdentityHead
+from models import AdapterMismatch, SimpleModel
 
 
 @pytest.mark.parametrize("option", ["resnet18", "resnet34", "resnet50"])

@@ -7,12 +7,21 @@ import time
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from PIL import Image
 
 import checkpoints
 from checkpoints import AtomicCheckpointIO
-from cli import CONFIG_DIR, ConfigError, command_line, spell_for_hydra, find_last_checkpoint, quoted, resolve_checkpoint, user_error
+from cli import (
+    CONFIG_DIR,
+    ConfigError,
+    command_line,
+    find_last_checkpoint,
+    quoted,
+    resolve_checkpoint,
+    spell_for_hydra,
+    user_error,
+)
 from predict import to_mnist
 from reports import ContinuedCSVLogger
 from sweeps import summary_rows, write_record, write_summary
@@ -31,7 +40,9 @@ def test_run_keys_absent_from_config_yaml_are_added_with_plus_plus(given, expect
     assert spell_for_hydra(given, CONFIG_DIR) == expected
 
 
-@pytest.mark.parametrize("path", ["/tmp/plain/last.ckpt", "/tmp/it's here/a b.ckpt", r"C:\runs\x\last.ckpt", "/tmp/end\\"])
+@pytest.mark.parametrize(
+    "path", ["/tmp/plain/last.ckpt", "/tmp/it's here/a b.ckpt", r"C:\runs\x\last.ckpt", "/tmp/end\\"]
+)
 def test_quoted_paths_read_back_as_themselves(path):
     assert OverridesParser.create().parse_override(f"ckpt_path={quoted(path)}").value() == path
 
@@ -150,7 +161,8 @@ def test_a_continued_csv_log_keeps_the_rows_before_the_checkpoint_once(tmp_path)
         rows = list(csv.DictReader(f))
     assert [int(row["step"]) for row in rows] == [0, 1, 2, 3, 4, 5, 6]
     assert [float(row["train/loss"]) for row in rows] == [0, 1, 2, 3, 14, 15, 16]
-    assert rows[0]["val/acc"] == "" and rows[-1]["val/acc"] == "0.5"
+    assert rows[0]["val/acc"] == ""
+    assert rows[-1]["val/acc"] == "0.5"
 
 
 def test_summary_rows_mark_a_job_that_never_ended_as_interrupted(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 from conftest import TINY_RUN, compose_config, run_train, run_train_watching_imports
 
 from cli import ConfigError
-from validation import check_data_dir, check_processes, check_run, check_writable, build_trainer
+from validation import build_trainer, check_data_dir, check_processes, check_run, check_writable
 
 # One bad override each, and the one line it must produce. The first group fails the typed schemas
 # (no torch imported); the second needs the libraries (imports, Lightning's own checks).
@@ -30,7 +30,8 @@ SCHEMA = {
         "task.model.adapter.out_features=5: 10, one logit per digit; fix: task.model.adapter.out_features=10"
     ),
     "task.model.adapter.in_features=2048": (
-        "task.model.adapter.in_features=2048: 512, the width every backbone gives; fix: task.model.adapter.in_features=512"
+        "task.model.adapter.in_features=2048: 512, the width every backbone gives; "
+        "fix: task.model.adapter.in_features=512"
     ),
     # Config-group options are checked before Hydra composes anything.
     "task.model.backbone=resnet99": (
@@ -43,7 +44,9 @@ SCHEMA = {
 }
 LIBRARY = {
     "trainer.max_epochs=abc": "trainer.max_epochs=abc: a whole number or null; fix: trainer.max_epochs=null",
-    "+trainer.max_epoch=3": "trainer.max_epoch=3: not an argument of pytorch_lightning.Trainer; fix: trainer.max_epochs=3",
+    "+trainer.max_epoch=3": (
+        "trainer.max_epoch=3: not an argument of pytorch_lightning.Trainer; fix: trainer.max_epochs=3"
+    ),
     "+trainer.limit_train_batches=1.5": (
         "trainer: You have passed invalid value 1.5 for limit_train_batches, it has to be in [0.0, 1.0] or an int.; "
         "fix: change the trainer setting it names (python train.py --cfg job --package trainer shows them)"
@@ -58,7 +61,8 @@ LIBRARY = {
         "fix: task.model.backbone._target_=backbones.ResNet50"
     ),
     "task.optimizer._target_=torch.optim.Adamm": (
-        "task.optimizer._target_=torch.optim.Adamm: torch.optim has no Adamm; fix: task.optimizer._target_=torch.optim.Adam"
+        "task.optimizer._target_=torch.optim.Adamm: torch.optim has no Adamm; "
+        "fix: task.optimizer._target_=torch.optim.Adam"
     ),
     "data_module.data_dir=/proc/version/mnist": (
         "data_module.data_dir=/proc/version/mnist: a folder this process can write (Not a directory); "
@@ -100,7 +104,12 @@ def test_hydra_full_error_still_shows_the_traceback(override, tmp_path):
     [
         TINY_RUN,
         ["trainer=cpu", "task.model.backbone=resnet50", "task.model.backbone.pretrained=false"],
-        ["trainer=cpu", "+trainer.fast_dev_run=true", "+trainer.precision=bf16-mixed", "+trainer.gradient_clip_val=1.0"],
+        [
+            "trainer=cpu",
+            "+trainer.fast_dev_run=true",
+            "+trainer.precision=bf16-mixed",
+            "+trainer.gradient_clip_val=1.0",
+        ],
         ["trainer=cpu", "+trainer.limit_train_batches=0.25", "trainer.devices=auto", "trainer.max_epochs=-1"],
         ["trainer=cpu", "++seed=7", "task.optimizer._target_=torch.optim.SGD", "~task.optimizer.weight_decay"],
         ["trainer=ddp_cpu"],
@@ -135,4 +144,6 @@ def test_processes_that_cannot_report_back_are_refused_before_any_work():
     cfg = compose_config("trainer=ddp_cpu")
     check_processes(build_trainer(cfg), "ddp_cpu")  # a run of its own: Lightning starts rank 1 by re-running it
     with pytest.raises(ConfigError, match=r"hydra.launcher=JoblibLauncher with 2 processes per job"):
-        check_processes(build_trainer(cfg), "ddp_cpu", "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher")
+        check_processes(
+            build_trainer(cfg), "ddp_cpu", "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
+        )
