@@ -80,7 +80,10 @@ class RunRecord(pl.Callback):
     def write(self, **changes: Any) -> None:
         wall_time = self.earlier_wall_time + time.perf_counter() - self.started
         self.record.update(changes, wall_time_s=wall_time)
-        write_record(self.run_dir, self.record)
+        try:
+            write_record(self.run_dir, self.record)
+        except OSError as err:  # a full disk: the run goes on, or ends, with its error on the terminal
+            log.warning("could not write %s: %s", self.run_dir / "run.json", err)
 
     @contextlib.contextmanager
     def failures(self) -> Iterator[None]:

@@ -60,12 +60,6 @@ def test_value_overrides_stay_value_overrides():
     assert cfg.task.model.backbone == {"_target_": "backbones.ResNet18", "pretrained": False}
 
 
-def test_cpu_trainer():
-    cfg = compose_config("trainer=cpu")
-    assert cfg.trainer.accelerator == "cpu"
-    assert cfg.trainer.devices == 1
-
-
 def test_dot_form_on_the_command_line():
     result = run_train("--cfg", "job", "task.model.backbone=resnet34")
     assert result.returncode == 0, result.stderr

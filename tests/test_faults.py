@@ -266,3 +266,35 @@ def test_sigkill_leaves_the_last_good_checkpoint_and_the_run_continues_from_it(t
 
 def read(path: Path) -> str:
     return path.read_text() if path.is_file() else ""
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 200 MB file system: room for one ResNet18 checkpoint with Adam's state (134 MB), not two."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+@pytest.mark.slow
+def test_a_full_disk_ends_the_run_in_one_line_and_keeps_the_checkpoint_that_fit(small_disk, mnist_dir):
+    run_dir = small_disk / "run"
+    result = run_train(*TINY_RUN, f"data_module.data_dir={mnist_dir}", f"hydra.run.dir={run_dir}")
+
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        f"error: [Errno 28] no space left to write the checkpoint last.ckpt in {run_dir / 'checkpoints'}"
+    )
+    assert last.endswith("fix: free space there, or write the run elsewhere with hydra.run.dir=PATH")
+    assert "Traceback" not in result.stderr
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "failed"
+    assert "no space left" in record["error"]
+    best = list((run_dir / "checkpoints").glob("epoch*.ckpt"))
+    assert len(best) == 1
+    assert torch.load(best[0], weights_only=True)["epoch"] == 0  # whole and loadable
+    assert not list((run_dir / "checkpoints").glob(".*partial"))

@@ -92,3 +92,38 @@ def test_the_model_learns_digits_in_twenty_seconds(learned):
     record = json.loads((learned / "run.json").read_text())
     assert record["metrics"]["val/acc"] > 0.8, record["metrics"]
     assert record["metrics"]["test/acc"] > 0.8, record["metrics"]
+
+
+# Lines a normal run must not print: library noise a user cannot act on, and a warning that is false
+# on a new run.
+NOISE = ("LeafSpec", "💡 Tip", "Total FLOPs: 0", "Previous log files", "weights_only", "alembic", "Warning:")
+
+
+def test_a_run_prints_nothing_the_user_cannot_act_on(tmp_path, mnist_dir):
+    run_dir = tmp_path / "run"
+    result = run_train(
+        *TINY_RUN, "trainer.log_every_n_steps=1", f"data_module.data_dir={mnist_dir}", f"hydra.run.dir={run_dir}"
+    )
+    assert result.returncode == 0, result.stderr
+    printed = result.stdout + result.stderr
+    assert [line for line in printed.splitlines() if any(noise in line for noise in NOISE)] == []
+    log = (run_dir / "train.log").read_text()
+    assert "\x1b[" not in log  # no colour codes in files
+    # Settings that change nothing here are said once, on the terminal and in the log.
+    assert printed.count("num_workers=8") == 0  # TINY_RUN sets num_workers=0
+    assert printed.count("pin_memory=true has no effect") == 1
+    assert "pin_memory=true has no effect" in log
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "64-true"])
+def test_true_precisions_train_on_batches_of_their_own_type(precision, tmp_path, mnist_dir):
+    run_dir = tmp_path / "run"
+    result = run_train(
+        *TINY_RUN,
+        f"+trainer.precision={precision}",
+        "+trainer.fast_dev_run=true",
+        f"data_module.data_dir={mnist_dir}",
+        f"hydra.run.dir={run_dir}",
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "completed"

@@ -59,15 +59,24 @@ def test_resumed_run_ends_exactly_where_an_uninterrupted_run_ends(tmp_path, mnis
     assert actual["config"]["task"]["model"]["_target_"] == "models.SimpleModel"
 
 
-def test_eval_prints_the_test_metrics_of_a_checkpoint(tmp_path, two_epochs):
+def test_eval_tests_the_whole_set_unless_told_and_agrees_with_the_run(tmp_path, two_epochs):
     run_dir, trained = two_epochs
     best = next((run_dir / "checkpoints").glob("epoch*.ckpt"))
-    result = run_script("eval.py", f"ckpt_path={best}", f"hydra.run.dir={tmp_path / 'eval'}")
 
-    assert result.returncode == 0, result.stderr
-    assert printed_accuracy(result) == printed_accuracy(trained)
-    loss = float(result.stdout.split("test loss: ")[1].split()[0])
+    # The same two batches the run tested on (its limit is not inherited; this command sets it).
+    limited = run_script(
+        "eval.py", f"ckpt_path={best}", "+trainer.limit_test_batches=2", f"hydra.run.dir={tmp_path / 'a'}"
+    )
+    assert limited.returncode == 0, limited.stderr
+    assert printed_accuracy(limited) == printed_accuracy(trained)
+    loss = float(limited.stdout.split("test loss: ")[1].split()[0])
     assert loss == pytest.approx(float(trained.stdout.split("test/loss=")[1].split()[0]), abs=1e-4)
+    assert "on 128 test images" in limited.stdout
+
+    whole = run_script("eval.py", f"ckpt_path={best}", f"hydra.run.dir={tmp_path / 'b'}")
+    assert whole.returncode == 0, whole.stderr
+    assert "on 10000 test images" in whole.stdout
+    assert "on 10000 test images" in (tmp_path / "b" / "eval.log").read_text()
 
 
 def test_predict_gives_what_the_model_says_of_the_original_digit_either_way_round(tmp_path, mnist_dir, learned):
@@ -185,3 +194,22 @@ def test_optuna_search_runs_its_trials_and_reports_them(tmp_path, mnist_dir):
     assert max(float(row["best val acc"]) for row in rows) == pytest.approx(
         float(best.split("best_value: ")[1]), abs=1e-4
     )
+
+
+def test_a_search_smoke_tested_with_fast_dev_run_completes_every_trial(tmp_path, mnist_dir):
+    sweep_dir = tmp_path / "optuna"
+    result = run_train(
+        "-m",
+        "hparams_search=mnist_optuna",
+        "hydra.sweeper.n_trials=2",
+        "++trainer.fast_dev_run=true",
+        *TINY_RUN,
+        f"data_module.data_dir={mnist_dir}",
+        f"hydra.sweep.dir={sweep_dir}",
+    )
+    assert result.returncode == 0, result.stderr
+    rows = read_summary(sweep_dir)
+    assert [row["status"] for row in rows] == ["completed", "completed"]
+    assert all(0 <= float(row["best val acc"]) <= 1 for row in rows)  # the objective: the one validation
+    assert "best_value" in (sweep_dir / "optimization_results.yaml").read_text()
+    assert not list(sweep_dir.glob("*/checkpoints/*.ckpt"))  # fast_dev_run saves none
