@@ -71,10 +71,10 @@ def test_ranks_share_out_each_epoch_so_no_sample_is_seen_twice(world_size):
 
 
 def rank_lines(run_dir: Path) -> list[str]:
-    """What each process's own log says it trained: `seed N, overrides ...`."""
+    """What each process's own log says it trained last: `seed N, overrides ...` (a continued run appends)."""
     logs = [run_dir / "train.log", run_dir / "train_ddp_process_1.log"]
     return [
-        next(line.split(" - ", 1)[1] for line in log.read_text().splitlines() if " - seed " in line) for log in logs
+        [line.split(" - ", 1)[1] for line in log.read_text().splitlines() if " - seed " in line][-1] for log in logs
     ]
 
 
