@@ -151,7 +151,29 @@ def print_config(cfg: DictConfig, run_dir: Path) -> None:
 
 def progress_bar() -> ProgressBar:
     """A live bar on a terminal; one line per epoch where output goes to a file or a pipe."""
-    return RichProgressBar() if sys.stdout.isatty() else EpochLines()
+    return EpochBar() if sys.stdout.isatty() else EpochLines()
+
+
+class EpochBar(RichProgressBar):
+    """Lightning's rich bar, counting epochs as the epoch lines do (`Epoch 1/10`, not `Epoch 0/9`),
+    and without the sanity check's `val/*` values, which are not an epoch's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.validated = False
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        return super()._get_train_description(current_epoch + 1).replace(
+            f"/{self.trainer.max_epochs - 1}", f"/{self.trainer.max_epochs}"
+        )
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        self.validated |= not trainer.sanity_checking
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        return metrics if self.validated else {k: v for k, v in metrics.items() if not k.startswith("val/")}
 
 
 class EpochLines(ProgressBar):

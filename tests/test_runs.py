@@ -220,3 +220,42 @@ def test_images_are_converted_as_mnist_was_made(mode):
 def test_a_blank_image_is_refused():
     with pytest.raises(ValueError, match="blank"):
         to_mnist(Image.new("L", (50, 50), 255))
+
+
+def test_the_progress_bar_counts_epochs_as_the_epoch_lines_do_and_hides_the_sanity_check(tmp_path):
+    import pytorch_lightning as pl
+    from pytorch_lightning.demos.boring_classes import BoringModel
+
+    from reports import EpochBar
+
+    class LogsAccuracy(BoringModel):
+        def validation_step(self, batch, batch_idx):
+            self.log("val/acc", 0.5, prog_bar=True)
+            return super().validation_step(batch, batch_idx)
+
+    class Probe(pl.Callback):
+        seen: list = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 0:
+                self.seen.append(
+                    (bar._get_train_description(trainer.current_epoch).strip(), bar.get_metrics(trainer, pl_module))
+                )
+
+    bar = EpochBar()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        callbacks=[bar, Probe()],
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(LogsAccuracy())
+    (first, before), (second, after) = Probe.seen
+    assert (first, second) == ("Epoch 1/2", "Epoch 2/2")
+    assert "val/acc" not in before  # only the sanity check had validated
+    assert after["val/acc"] == 0.5
