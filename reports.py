@@ -208,7 +208,8 @@ def metrics_text(trainer: pl.Trainer, prefix: str = "") -> str:
 
 
 class LearningCurve(pl.Callback):
-    """Draws `learning_curve.png` when fitting ends from each epoch's train/val loss and accuracy.
+    """Draws `learning_curve.png` when fitting ends: each epoch's train/val loss and accuracy, and the
+    training loss at every logged step (what a one-epoch run has to show).
 
     The rows travel in checkpoints, so a continued run's curve is whole.
     """
@@ -216,9 +217,15 @@ class LearningCurve(pl.Callback):
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.epochs: list[dict[str, float]] = []
+        self.steps: list[tuple[int, float]] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        loss = trainer.callback_metrics.get("train/loss_step")
+        if loss is not None and trainer.global_step % trainer.log_every_n_steps == 0:
+            self.steps.append((trainer.global_step, float(loss)))  # a host sync, once per logged step
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        row = {"epoch": trainer.current_epoch + 1}
+        row = {"epoch": trainer.current_epoch + 1, "step": trainer.global_step}
         for name, value in trainer.callback_metrics.items():
             if not name.endswith("_step") and name.split("/")[0] in ("train", "val"):
                 row[name.removesuffix("_epoch")] = float(value)
@@ -226,13 +233,14 @@ class LearningCurve(pl.Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero and self.epochs:
-            save_learning_curve(self.epochs, self.path)
+            save_learning_curve(self.epochs, self.steps, self.path)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epochs": self.epochs}
+        return {"epochs": self.epochs, "steps": self.steps}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.epochs = list(state_dict["epochs"])
+        self.steps = [tuple(point) for point in state_dict.get("steps", [])]
 
 
 class ConfusionMatrixPlot(pl.Callback):
@@ -267,21 +275,26 @@ def save_confusion_matrix(counts: Any, path: Path) -> None:
     plt.close(fig)
 
 
-def save_learning_curve(epochs: list[dict[str, float]], path: Path) -> None:
+def save_learning_curve(epochs: list[dict[str, float]], steps: list[tuple[int, float]], path: Path) -> None:
+    """Loss and accuracy against training steps: per logged step for the training loss, at each
+    epoch's end for the epoch values (marked and labelled by epoch)."""
     import matplotlib.pyplot as plt
 
-    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
+    if len(steps) > 1:
+        loss_ax.plot(*zip(*steps, strict=True), color="tab:blue", alpha=0.35, label="train (logged steps)")
     for ax, metric in ((loss_ax, "loss"), (acc_ax, "acc")):
-        for stage in ("train", "val"):
-            points = [(row["epoch"], row[f"{stage}/{metric}"]) for row in epochs if f"{stage}/{metric}" in row]
+        for stage, color in (("train", "tab:blue"), ("val", "tab:orange")):
+            points = [(row["step"], row[f"{stage}/{metric}"]) for row in epochs if f"{stage}/{metric}" in row]
             if points:
-                ax.plot(*zip(*points, strict=True), marker="o", label=stage)
-        ax.set_xlabel("epoch")
+                ax.plot(*zip(*points, strict=True), marker="o", color=color, label=f"{stage} (epoch)")
+        ax.set_xlabel("training step")
         ax.set_ylabel("accuracy" if metric == "acc" else "loss")
-        ax.set_xticks(sorted({row["epoch"] for row in epochs}))
         ax.legend()
         ax.grid(alpha=0.3)
-    fig.suptitle("Learning curve")
+    for row in epochs:
+        acc_ax.annotate(f"epoch {row['epoch']}", (row["step"], acc_ax.get_ylim()[0]), fontsize=7, ha="right")
+    fig.suptitle(f"Learning curve ({len(epochs)} epoch{'s' if len(epochs) != 1 else ''})")
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
