@@ -1,8 +1,12 @@
 """End to end: resume, evaluate, predict, sweep report and Optuna search, each on a tiny budget."""
 
 import csv
+import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -213,3 +217,90 @@ def test_a_search_smoke_tested_with_fast_dev_run_completes_every_trial(tmp_path,
     assert all(0 <= float(row["best val acc"]) <= 1 for row in rows)  # the objective: the one validation
     assert "best_value" in (sweep_dir / "optimization_results.yaml").read_text()
     assert not list(sweep_dir.glob("*/checkpoints/*.ckpt"))  # fast_dev_run saves none
+
+
+def test_early_stopping_from_the_callbacks_group_stops_and_says_why(tmp_path, mnist_dir):
+    run_dir = tmp_path / "run"
+    result = run_train(
+        *TINY_RUN,
+        "callbacks=early_stopping",
+        "callbacks.early_stopping.patience=1",
+        "callbacks.early_stopping.min_delta=0.5",  # no epoch can beat the first by that much
+        "trainer.max_epochs=20",
+        f"data_module.data_dir={mnist_dir}",
+        f"hydra.run.dir={run_dir}",
+    )
+    assert result.returncode == 0, result.stderr
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["epochs"] == 2
+    assert "did not improve" in record["stopped"]
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()  # the default callbacks still run
+
+
+def test_a_tensorboard_only_run_continues_with_every_epoch_once_in_its_events(tmp_path, mnist_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "run"
+    common = [*TINY_RUN, "logger=tensorboard", f"data_module.data_dir={mnist_dir}", f"hydra.run.dir={run_dir}"]
+    assert run_train(*common).returncode == 0
+    result = run_train(f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "trainer.max_epochs=2")
+    assert result.returncode == 0, result.stderr
+
+    events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+    epochs = [event.step for event in events.Scalars("train/loss_epoch")]
+    assert len(epochs) == 2
+    assert epochs == sorted(set(epochs))
+    assert not (run_dir / "metrics.csv").exists()  # logger=tensorboard alone
+    assert json.loads((run_dir / "run.json").read_text())["epochs"] == 2
+
+
+def test_a_run_without_loggers_still_leaves_its_record(tmp_path, mnist_dir):
+    run_dir = tmp_path / "run"
+    result = run_train(*TINY_RUN, "logger=none", f"data_module.data_dir={mnist_dir}", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr
+    assert not (run_dir / "metrics.csv").exists()
+    assert not (run_dir / "tensorboard").exists()
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "completed"
+    assert 0 <= record["metrics"]["test/acc"] <= 1
+
+
+def test_a_sweep_stopped_by_sigterm_continues_when_run_again(tmp_path, mnist_dir):
+    """A scheduler's SIGTERM reaches the sweep and its running job (one process group)."""
+    sweep_dir = tmp_path / "sweep"
+    args = [
+        "-m",
+        "task.optimizer.lr=0.001,0.002",
+        *TINY_RUN,
+        "trainer.max_epochs=3",
+        "+trainer.limit_train_batches=30",
+        "data_module.batch_size=16",
+        f"data_module.data_dir={mnist_dir}",
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
+    process = subprocess.Popen(
+        [sys.executable, "train.py", *args],
+        cwd=PROJECT_DIR,
+        text=True,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    last = sweep_dir / "0" / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 600
+    while not last.is_file():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGTERM)
+    process.communicate(timeout=300)
+    assert json.loads((sweep_dir / "0" / "run.json").read_text())["status"] == "interrupted"
+    assert not (sweep_dir / "1").exists()
+
+    again = run_train(*args)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "job 0 continues from" in again.stdout
+    assert [row["status"] for row in read_summary(sweep_dir)] == ["completed", "completed"]
+    with (sweep_dir / "0" / "metrics.csv").open() as f:
+        epochs = [int(row["epoch"]) for row in csv.DictReader(f) if row["train/loss_epoch"]]
+    assert epochs == [0, 1, 2]
