@@ -65,6 +65,8 @@ class RunRecord(pl.Callback):
         self.config = OmegaConf.to_container(cfg, resolve=True)
         self.overrides = [arg for arg in overrides if override_key(arg) != "ckpt_path"]
         self.seed = seed
+        # Each process's own log file (not the terminal) says what it trains: DDP ranks must agree.
+        logging.getLogger("logfile").info("seed %d, overrides %s", seed, " ".join(overrides))
         self.metrics: dict[str, float] = {}
         self.fit_seconds = 0.0
         self.started = time.perf_counter()

@@ -39,14 +39,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     quiet_libraries()
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    ckpt_path = cfg.get("ckpt_path")
-    seed = run_seed(cfg, run_dir)
-    # Each process's own log file (not the terminal) says what it trains: DDP ranks must agree.
-    logging.getLogger("logfile").info("seed %d, overrides %s", seed, " ".join(hydra_cfg.overrides.task))
-    record = RunRecord(run_dir, cfg, list(hydra_cfg.overrides.task), seed)
+    record = RunRecord(run_dir, cfg, list(hydra_cfg.overrides.task), run_seed(cfg, run_dir))
     with record.failures():
         print_config(cfg, run_dir)
-        pl.seed_everything(seed, workers=True, verbose=False)
+        pl.seed_everything(record.seed, workers=True, verbose=False)
         log.info("Instantiating task <%s>", cfg.task._target_)
         task = instantiate(cfg.task)
         log.info("Instantiating data module <%s>", cfg.data_module._target_)
@@ -56,10 +52,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
             cfg.trainer,
             default_root_dir=str(run_dir),
             callbacks=[record, *group_nodes(cfg, "callbacks", hydra_cfg)],
-            logger=group_nodes(cfg, "logger", hydra_cfg, purge_step=resume_step(ckpt_path)),
+            logger=group_nodes(cfg, "logger", hydra_cfg, purge_step=resume_step(cfg.get("ckpt_path"))),
             plugins=[AtomicCheckpointIO()],
         )
-        trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None  # none under fast_dev_run
         trainer.test(task, datamodule=datamodule, ckpt_path=best, weights_only=True)
     if trainer.is_global_zero:
