@@ -165,9 +165,8 @@ class EpochBar(RichProgressBar):
         self.validated = False
 
     def _get_train_description(self, current_epoch: int) -> str:
-        return super()._get_train_description(current_epoch + 1).replace(
-            f"/{self.trainer.max_epochs - 1}", f"/{self.trainer.max_epochs}"
-        )
+        description = super()._get_train_description(current_epoch + 1)
+        return description.replace(f"/{self.trainer.max_epochs - 1}", f"/{self.trainer.max_epochs}")
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
