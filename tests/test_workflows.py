@@ -156,7 +156,8 @@ def test_sweep_summary_has_a_row_per_job_even_a_failed_one_and_a_rerun_skips_fin
 
     again = run_train(*args, env=TESTS_ON_PATH)
     assert "job 0 finished before" in again.stdout
-    assert again.stdout.count("epoch 1/1") == 1  # only the failed job ran again
+    assert "#1 : " in again.stdout  # the failed job ran again, and failed before its first epoch ended
+    assert "epoch 1/1" not in again.stdout
     assert [row["status"] for row in read_summary(sweep_dir)] == ["completed", "failed"]
 
 
