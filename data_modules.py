@@ -76,7 +76,11 @@ class MNISTDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True, drop_last=self.drop_last)
+        # Under trainer.overfit_batches the same first batches come every epoch. Lightning turns
+        # shuffling off by looking at the loader's `sampler`, which beside a batch sampler is a
+        # SequentialSampler whatever the batch sampler draws from, so it would miss this one.
+        overfit = self.trainer is not None and self.trainer.overfit_batches > 0
+        return self._loader(self.train_set, shuffle=not overfit, drop_last=self.drop_last)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set)

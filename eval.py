@@ -27,9 +27,9 @@ from cli import (
 from cli import spell_for_hydra as spelled
 
 log = logging.getLogger(__name__)
-# Settings of the training run that limit what it tested; an evaluation tests the whole set
-# unless its own command line limits it.
-LIMITS = ("trainer.limit_test_batches", "trainer.fast_dev_run", "trainer.overfit_batches")
+# Settings of the training run that limit what it tested (a debug preset limits batches and may
+# profile); an evaluation tests the whole set unless its own command line limits it.
+LIMITS = ("trainer.limit_test_batches", "trainer.fast_dev_run", "trainer.overfit_batches", "debug")
 
 
 def eval_command_line(args: list[str]) -> list[str]:

@@ -6,6 +6,7 @@
     python train.py -m task.model.backbone=resnet18,resnet34,resnet50  # one run per backbone
     python train.py --cfg job                                          # print the composed config
     python train.py trainer=cpu seed=3                                 # a repeatable CPU run
+    python train.py debug=fdr trainer=cpu                              # one batch of everything (configs/debug/)
     python train.py ckpt_path=last                                     # continue the newest run
     python train.py -m hparams_search=mnist_optuna                     # Optuna search on val/acc
 

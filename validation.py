@@ -12,17 +12,19 @@ for every point the command line lists before the first job starts. Two steps:
 Every message has one shape: `<key>=<value>: <what is allowed>; fix: <an override that works>`.
 """
 
+import contextlib
+import copy
 import difflib
 import math
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
 from cli import PROJECT_DIR, ConfigError, exit_on_error
@@ -331,7 +333,8 @@ class ConfigCheck(Callback):
         if int(os.environ.get("LOCAL_RANK", "0")) > 0:
             return  # a process Lightning started for a run whose first process passed these checks
         try:
-            check_run(without_hydra(config))
+            with hydra_runtime(config, config.hydra.run.dir):
+                check_run(without_hydra(config))
             check_writable("hydra.run.dir", Path(config.hydra.run.dir), "hydra.run.dir=PATH (a writable folder)")
         except ConfigError as err:
             exit_on_error(err)
@@ -341,16 +344,36 @@ class ConfigCheck(Callback):
         try:
             launcher = config.hydra.launcher.get("_target_")
             seen = set()
-            for point in sweep_points(config):
-                cfg = compose_point(config, point)
-                key = OmegaConf.to_yaml(cfg)
-                if key not in seen:
-                    seen.add(key)
-                    check_run(cfg, launcher)
+            with hydra_runtime(config, config.hydra.sweep.dir):
+                for point in sweep_points(config):
+                    cfg = compose_point(config, point)
+                    key = OmegaConf.to_yaml(cfg)
+                    if key not in seen:
+                        seen.add(key)
+                        check_run(cfg, launcher)
             check_writable("hydra.sweep.dir", Path(config.hydra.sweep.dir), "hydra.sweep.dir=PATH (a writable folder)")
         except ConfigError as err:
             exit_on_error(err)
             raise
+
+
+@contextlib.contextmanager
+def hydra_runtime(config: DictConfig, output_dir: str) -> Iterator[None]:
+    """Lets `${hydra:runtime.output_dir}` resolve while the checks build the trainer (a profiler's
+    `dirpath`, say): Hydra sets it only when the job starts, after these checks. `output_dir` is
+    the run's folder, or a sweep's, whose jobs' folders are not known yet."""
+    from hydra.core.hydra_config import HydraConfig
+
+    instance = HydraConfig.instance()
+    before = instance.cfg
+    preview = copy.deepcopy(config)
+    with read_write(preview.hydra.runtime), open_dict(preview.hydra.runtime):
+        preview.hydra.runtime.output_dir = os.path.abspath(str(output_dir))
+    instance.set_config(preview)
+    try:
+        yield
+    finally:
+        instance.cfg = before
 
 
 def without_hydra(config: DictConfig) -> DictConfig:
