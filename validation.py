@@ -12,19 +12,17 @@ for every point the command line lists before the first job starts. Two steps:
 Every message has one shape: `<key>=<value>: <what is allowed>; fix: <an override that works>`.
 """
 
-import contextlib
-import copy
 import difflib
 import math
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cli import PROJECT_DIR, ConfigError, exit_on_error
@@ -236,6 +234,13 @@ def fits(value: Any, kinds: tuple) -> bool:
     return False
 
 
+def checkable(trainer: DictConfig) -> DictConfig:
+    """The trainer node less the keys that name the run's folder (`${hydra:runtime.output_dir}`, a
+    profiler's `dirpath`): Hydra knows that folder only once the run starts, after these checks."""
+    raw = OmegaConf.to_container(trainer, resolve=False)
+    return OmegaConf.create({key: value for key, value in raw.items() if "${hydra:" not in str(value)})
+
+
 def build_trainer(cfg: DictConfig) -> Any:
     """The configured Trainer, built only to let Lightning check its arguments."""
     import logging
@@ -250,11 +255,12 @@ def build_trainer(cfg: DictConfig) -> Any:
                 f"trainer.accelerator={cfg.trainer.accelerator}: PyTorch sees no CUDA GPU here; "
                 "fix: train on the CPU with trainer=cpu"
             )
-    check_trainer_arguments(cfg.trainer)
+    trainer = checkable(cfg.trainer)
+    check_trainer_arguments(trainer)
     quiet = logging.getLogger("pytorch_lightning")
     level, quiet.level = quiet.level, logging.WARNING  # "GPU available: ..." belongs to the real trainer
     try:
-        return instantiate(cfg.trainer, logger=False, enable_checkpointing=False, callbacks=[])
+        return instantiate(trainer, logger=False, enable_checkpointing=False, callbacks=[])
     except Exception as err:
         cause = err.__cause__ or err
         raise ConfigError(
@@ -333,8 +339,7 @@ class ConfigCheck(Callback):
         if int(os.environ.get("LOCAL_RANK", "0")) > 0:
             return  # a process Lightning started for a run whose first process passed these checks
         try:
-            with hydra_runtime(config, config.hydra.run.dir):
-                check_run(without_hydra(config))
+            check_run(without_hydra(config))
             check_writable("hydra.run.dir", Path(config.hydra.run.dir), "hydra.run.dir=PATH (a writable folder)")
         except ConfigError as err:
             exit_on_error(err)
@@ -344,36 +349,16 @@ class ConfigCheck(Callback):
         try:
             launcher = config.hydra.launcher.get("_target_")
             seen = set()
-            with hydra_runtime(config, config.hydra.sweep.dir):
-                for point in sweep_points(config):
-                    cfg = compose_point(config, point)
-                    key = OmegaConf.to_yaml(cfg)
-                    if key not in seen:
-                        seen.add(key)
-                        check_run(cfg, launcher)
+            for point in sweep_points(config):
+                cfg = compose_point(config, point)
+                key = OmegaConf.to_yaml(cfg)
+                if key not in seen:
+                    seen.add(key)
+                    check_run(cfg, launcher)
             check_writable("hydra.sweep.dir", Path(config.hydra.sweep.dir), "hydra.sweep.dir=PATH (a writable folder)")
         except ConfigError as err:
             exit_on_error(err)
             raise
-
-
-@contextlib.contextmanager
-def hydra_runtime(config: DictConfig, output_dir: str) -> Iterator[None]:
-    """Lets `${hydra:runtime.output_dir}` resolve while the checks build the trainer (a profiler's
-    `dirpath`, say): Hydra sets it only when the job starts, after these checks. `output_dir` is
-    the run's folder, or a sweep's, whose jobs' folders are not known yet."""
-    from hydra.core.hydra_config import HydraConfig
-
-    instance = HydraConfig.instance()
-    before = instance.cfg
-    preview = copy.deepcopy(config)
-    with read_write(preview.hydra.runtime), open_dict(preview.hydra.runtime):
-        preview.hydra.runtime.output_dir = os.path.abspath(str(output_dir))
-    instance.set_config(preview)
-    try:
-        yield
-    finally:
-        instance.cfg = before
 
 
 def without_hydra(config: DictConfig) -> DictConfig:
