@@ -274,7 +274,7 @@ def test_a_sweep_stopped_by_sigterm_continues_when_run_again(tmp_path, mnist_dir
         "task.optimizer.lr=0.001,0.002",
         *TINY_RUN,
         "trainer.max_epochs=3",
-        "+trainer.limit_train_batches=30",
+        "trainer.limit_train_batches=30",
         "data_module.batch_size=16",
         f"data_module.data_dir={mnist_dir}",
         f"hydra.sweep.dir={sweep_dir}",
