@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from cli import command_line, exit_on_error, interrupt_exit_code
 
@@ -56,10 +56,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
             logger=group_nodes(cfg, "logger", hydra_cfg, purge_step=resume_step(ckpt_path)),
             plugins=[AtomicCheckpointIO()],
         )
+        for logger in trainer.loggers:  # MLflow's params, W&B's config, hparams.yaml beside metrics.csv
+            logger.log_hyperparams({**record.config, "seed": seed})
         trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
         best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None  # none under fast_dev_run
         trainer.test(task, datamodule=datamodule, ckpt_path=best, weights_only=True)
-    log.info("test accuracy: %.4f (%s; fit took %.0f s)", record.metrics["test/acc"], best or "last weights", record.fit_seconds)
+    accuracy, fit_seconds = record.metrics["test/acc"], record.fit_seconds
+    log.info("test accuracy: %.4f (%s; fit took %.0f s)", accuracy, best or "last weights", fit_seconds)
     return record.metrics
 
 
@@ -98,6 +101,18 @@ def group_nodes(cfg: DictConfig, group: str, hydra_cfg: DictConfig, **settings: 
     if hydra_cfg.runtime.choices.get(group) is None:
         node = compose(config_name=hydra_cfg.job.config_name, overrides=[f"{group}=default"])[group]
     return [instantiate(child, **{k: v for k, v in settings.items() if k in child}) for child in (node or {}).values()]
+
+
+def run_group(output_dir: str) -> str:
+    """The folder that holds a run's folder, relative to the current folder when inside it: outputs/DATE
+    for a single run, the sweep folder for a sweep's job. configs/logger/{mlflow,wandb}.yaml group runs
+    by it, so the jobs of a sweep, each its own train.py process, land in one experiment."""
+    group = Path(output_dir).parent
+    return str(group.relative_to(Path.cwd())) if group.is_relative_to(Path.cwd()) else str(group)
+
+
+OmegaConf.register_new_resolver("run_group", run_group)
+OmegaConf.register_new_resolver("run_name", lambda output_dir: Path(output_dir).name)
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")

@@ -147,12 +147,27 @@ def check_node(key: str, node: DictConfig, schema: type) -> None:
             raise ConfigError(f"{name}={show(value)}: {spec.metadata['allowed']}; fix: {fix}")
 
 
+# Loggers whose packages are in requirements-tracking.txt: Lightning imports their classes without them.
+TRACKING_PACKAGES = {
+    "pytorch_lightning.loggers.MLFlowLogger": "mlflow",
+    "pytorch_lightning.loggers.WandbLogger": "wandb",
+}
+
+
 def check_targets(cfg: DictConfig) -> None:
     """Every `_target_` must name something that can be imported."""
+    from importlib.util import find_spec
+
     from hydra.utils import get_object
 
     for key, node in target_nodes(cfg):
         target = node.get("_target_")
+        package = TRACKING_PACKAGES.get(target)
+        if package is not None and find_spec(package) is None:
+            raise ConfigError(
+                f"{key}._target_={target}: needs the {package} package, which is not installed; "
+                "fix: pip install -r requirements-tracking.txt"
+            )
         try:
             get_object(target)
         except Exception as err:
@@ -163,7 +178,8 @@ def check_targets(cfg: DictConfig) -> None:
                 names = []
             close = difflib.get_close_matches(name, names, n=1)
             fix = f"{module}.{close[0]}" if close else "<an importable name>"
-            raise ConfigError(f"{key}._target_={target}: cannot be imported ({err}); fix: {key}._target_={fix}") from err
+            message = f"{key}._target_={target}: cannot be imported ({err}); fix: {key}._target_={fix}"
+            raise ConfigError(message) from err
 
 
 def build_trainer(cfg: DictConfig) -> Any:
@@ -234,8 +250,6 @@ def check_writable(key: str, folder: Path, fix: str) -> None:
         for path in missing:
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else None
         raise ConfigError(f"{key}={folder}: a folder this process can write ({err.strerror}); fix: {fix}") from err
-    for path in reversed(missing[1:]) if key == "data_module.data_dir" else []:
-        pass
 
 
 def check_data_dir(cfg: DictConfig) -> None:
