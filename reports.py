@@ -98,15 +98,16 @@ class RunRecord(pl.Callback):
             if interrupted:
                 self.write(status="interrupted", error="Ctrl-C or SIGTERM; continue with ckpt_path=last")
             else:
-                reason = (
-                    user_error(err) or f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err) else ''}"
-                )
+                first_line = str(err).strip().splitlines()[0] if str(err) else ""
+                reason = user_error(err) or f"{type(err).__name__}: {first_line}"
                 self.write(status="failed", error=reason)
             raise
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._fit_started = time.perf_counter()
         self.record["params"] = sum(p.numel() for p in pl_module.parameters())
+        for logger in trainer.loggers:  # MLflow's params, W&B's config, hparams.yaml beside metrics.csv
+            logger.log_hyperparams({**self.config, "seed": self.seed})
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.write(epochs=trainer.current_epoch + 1)
@@ -256,6 +257,41 @@ class ConfusionMatrixPlot(pl.Callback):
         if trainer.is_global_zero:
             save_confusion_matrix(counts, self.path)
         matrix.reset()
+
+
+class TrackedFiles(pl.Callback):
+    """Hands the best checkpoint and the figures to the loggers that keep files, as each stage ends:
+    MLflow keeps them as the run's artifacts, W&B shows the figures as images; CSV and TensorBoard
+    take none. `teardown` comes after every callback's end-of-stage hook, so the files are written.
+
+    Lightning's own `log_model` would give MLflow only last.ckpt: it logs the checkpoints of the
+    checkpoint callback that saved last, which here is `last_checkpoint`.
+    """
+
+    def __init__(self) -> None:
+        self.sent: set[tuple[Path, int]] = set()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not trainer.is_global_zero:
+            return
+        best = getattr(trainer.checkpoint_callback, "best_model_path", "")
+        files = [Path(best)] if best else []  # none under fast_dev_run
+        files += [cb.path for cb in trainer.callbacks if isinstance(cb, LearningCurve | ConfusionMatrixPlot)]
+        for path in files:
+            version = (path, path.stat().st_mtime_ns) if path.is_file() else None
+            if version is not None and version not in self.sent:
+                self.sent.add(version)
+                for logger in trainer.loggers:
+                    keep_file(logger, path)
+
+
+def keep_file(logger: Any, path: Path) -> None:
+    from pytorch_lightning.loggers import MLFlowLogger, WandbLogger
+
+    if isinstance(logger, MLFlowLogger):
+        logger.experiment.log_artifact(logger.run_id, str(path), "checkpoints" if path.suffix == ".ckpt" else None)
+    elif isinstance(logger, WandbLogger) and path.suffix == ".png":
+        logger.log_image(key=path.stem, images=[str(path)])
 
 
 def save_confusion_matrix(counts: Any, path: Path) -> None:

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from cli import command_line, exit_on_error, interrupt_exit_code
 
@@ -104,6 +104,18 @@ def group_nodes(cfg: DictConfig, group: str, hydra_cfg: DictConfig, **settings: 
     if hydra_cfg.runtime.choices.get(group) is None:
         node = compose(config_name=hydra_cfg.job.config_name, overrides=[f"{group}=default"])[group]
     return [instantiate(child, **{k: v for k, v in settings.items() if k in child}) for child in (node or {}).values()]
+
+
+def run_group(output_dir: str) -> str:
+    """The folder that holds a run's folder, relative to the current folder when inside it: outputs/DATE
+    for a single run, the sweep folder for a sweep's job. configs/logger/{mlflow,wandb}.yaml group runs
+    by it, so the jobs of a sweep, each its own train.py process, land in one experiment."""
+    group = Path(output_dir).parent
+    return str(group.relative_to(Path.cwd())) if group.is_relative_to(Path.cwd()) else str(group)
+
+
+OmegaConf.register_new_resolver("run_group", run_group)
+OmegaConf.register_new_resolver("run_name", lambda output_dir: Path(output_dir).name)
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")

@@ -147,10 +147,25 @@ def check_node(key: str, node: DictConfig, schema: type) -> None:
             raise ConfigError(f"{name}={show(value)}: {spec.metadata['allowed']}; fix: {fix}")
 
 
+# Loggers whose packages are in requirements-tracking.txt: Lightning imports their classes without them.
+TRACKING_PACKAGES = {
+    "pytorch_lightning.loggers.MLFlowLogger": "mlflow",
+    "pytorch_lightning.loggers.WandbLogger": "wandb",
+}
+
+
 def check_targets(cfg: DictConfig) -> None:
     """Every `_target_` must name something that can be imported."""
+    from importlib.util import find_spec
+
     for key, node in target_nodes(cfg):
         target = str(node.get("_target_"))
+        package = TRACKING_PACKAGES.get(target)
+        if package is not None and find_spec(package) is None:
+            raise ConfigError(
+                f"{key}._target_={target}: needs the {package} package, which is not installed; "
+                "fix: pip install -r requirements-tracking.txt"
+            )
         module, name = importable_prefix(target)
         if module is None:
             raise ConfigError(

@@ -179,26 +179,60 @@ def test_every_point_of_a_sweep_is_checked_before_the_first_job(tmp_path, args, 
     assert not sweep_dir.exists()
 
 
-def test_optuna_search_runs_its_trials_and_reports_them(tmp_path, mnist_dir):
+def test_optuna_search_reports_its_trials_and_the_same_command_continues_its_study(tmp_path, mnist_dir):
     sweep_dir = tmp_path / "optuna"
-    result = run_train(
+    search = [
         "-m",
         "hparams_search=mnist_optuna",
-        "hydra.sweeper.n_trials=2",
         *TINY_RUN,
         f"data_module.data_dir={mnist_dir}",
         f"hydra.sweep.dir={sweep_dir}",
-    )
+    ]
+    result = run_train(*search, "hydra.sweeper.n_trials=2")
 
     assert result.returncode == 0, result.stderr
     rows = read_summary(sweep_dir)
     assert [row["status"] for row in rows] == ["completed", "completed"]
     assert all("task.optimizer.lr=" in row["overrides"] for row in rows)
+    assert "\x1b[" not in result.stderr  # Optuna's lines are plain where stderr is not a terminal
+    assert "A new study created in RDB with name: mnist" in result.stderr
+    first_jobs = {job: (sweep_dir / job / "run.json").stat().st_mtime for job in ("0", "1")}
+
+    # Again with a larger budget: the stored trials count, so one trial runs, in the next folder.
+    again = run_train(*search, "hydra.sweeper.n_trials=3")
+
+    assert again.returncode == 0, again.stderr
+    assert "has 2 completed trials of n_trials=3: running 1 more" in again.stdout
+    assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == ["0", "1", "2"]
+    assert {job: (sweep_dir / job / "run.json").stat().st_mtime for job in ("0", "1")} == first_jobs
+    study = load_study(sweep_dir)
+    assert [trial.state.name for trial in study.trials] == ["COMPLETE"] * 3
+    assert study.trials[2].params != study.trials[0].params  # the seeded sampler does not start over
+    rows = read_summary(sweep_dir)
+    assert [row["status"] for row in rows] == ["completed"] * 3
+    assert len([line for line in (sweep_dir / "summary.md").read_text().splitlines() if line.startswith("| ")]) == 4
     best = (sweep_dir / "optimization_results.yaml").read_text()
-    assert "best_value" in best
-    assert max(float(row["best val acc"]) for row in rows) == pytest.approx(
-        float(best.split("best_value: ")[1]), abs=1e-4
-    )
+    assert float(best.split("best_value: ")[1]) == pytest.approx(study.best_value)
+    assert max(float(row["best val acc"]) for row in rows) == pytest.approx(study.best_value, abs=1e-4)
+    assert (sweep_dir / "optimization_history.png").stat().st_size > 0
+    assert (sweep_dir / "param_slices.png").stat().st_size > 0
+
+    # Another search space in the same study is refused before any trial.
+    other = run_train(*search, "hydra.sweeper.n_trials=4", "data_module.batch_size=choice(32,64)")
+
+    assert other.returncode == 2
+    errors = [line for line in other.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, other.stderr
+    assert "data_module.batch_size in CategoricalDistribution(choices=(32, 64))" in errors[0]
+    assert "; fix: " in errors[0]
+    assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == ["0", "1", "2"]
+    assert len(load_study(sweep_dir).trials) == 3
+
+
+def load_study(sweep_dir: Path):
+    import optuna
+
+    return optuna.load_study(study_name="mnist", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
 
 
 def test_a_search_smoke_tested_with_fast_dev_run_completes_every_trial(tmp_path, mnist_dir):
