@@ -22,6 +22,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
 PROJECT_DIR = Path(__file__).resolve().parent
 CONFIG_DIR = PROJECT_DIR / "configs"
 RUN_KEYS = ("seed", "ckpt_path")
@@ -132,7 +134,8 @@ def continue_run(args: list[str], checkpoint: Path) -> list[str]:
         return given
     from omegaconf import OmegaConf
 
-    replaced = {override_key(arg) for arg in given}
+    # hparams_search starts a search (its file sets hydra.mode: MULTIRUN): a trial continues as a run.
+    replaced = {override_key(arg) for arg in given} | {"hparams_search"}
     recorded = [arg for arg in OmegaConf.load(recorded_file) if override_key(arg) not in replaced]
     run_dir_arg = [] if "hydra.run.dir" in replaced else [f"hydra.run.dir={quoted(run_dir)}"]
     return recorded + given + run_dir_arg
@@ -150,17 +153,18 @@ def user_error(err: BaseException) -> str | None:
         if isinstance(err, OSError) and err.errno == errno.ENOSPC:
             return f"{err}; fix: free space there, or write the run elsewhere with hydra.run.dir=PATH"
         if type(err).__name__ in FIXES:
-            return f"{err}; fix: {FIXES[type(err).__name__]}"
+            fix = FIXES[type(err).__name__]
+            return f"{err}; fix: {fix}" if fix else str(err)
         err = err.__cause__
     return None
 
 
 # Exceptions that domain code raises, by class name (importing their modules would import torch),
-# and the setting that fixes each.
+# and the setting that fixes each; None where the message names its own fix (the files to copy where).
 FIXES = {
+    "MNISTUnavailable": None,
     "Diverged": "lower task.optimizer.lr (a tenth is a good first try)",
     "WeightsUnavailable": "train from scratch with task.model.backbone.pretrained=false",
-    "MNISTUnavailable": "copy MNIST's four original files there, or point data_module.data_dir at a copy",
     "AdapterMismatch": "set task.model.adapter.in_features to the backbone's width",
 }
 
@@ -185,3 +189,16 @@ def interrupt_exit_code(stop: SystemExit) -> int | str | None:
     if type(stop).__name__ == "SIGTERMException":
         return 143
     return 130 if isinstance(stop.__context__, KeyboardInterrupt) else stop.code
+
+
+def run_group(output_dir: str) -> str:
+    """The folder that holds a run's folder, relative to the current folder when inside it: outputs/DATE
+    for a single run, the sweep folder for a sweep's job. configs/logger/{mlflow,wandb}.yaml group runs
+    by it, so the jobs of a sweep, each its own train.py process, land in one experiment."""
+    group = Path(output_dir).parent
+    return str(group.relative_to(Path.cwd())) if group.is_relative_to(Path.cwd()) else str(group)
+
+
+# Registered where every process that composes a config imports them (joblib and submitit workers too).
+OmegaConf.register_new_resolver("run_group", run_group, replace=True)
+OmegaConf.register_new_resolver("run_name", lambda output_dir: Path(output_dir).name, replace=True)

@@ -10,6 +10,7 @@ overrides first (a run trained with trainer=cpu is tested on the CPU); overrides
 """
 
 import logging
+import os
 import sys
 
 import hydra
@@ -29,7 +30,7 @@ from cli import spell_for_hydra as spelled
 log = logging.getLogger(__name__)
 # Settings of the training run that limit what it tested (a debug preset limits batches and may
 # profile); an evaluation tests the whole set unless its own command line limits it.
-LIMITS = ("trainer.limit_test_batches", "trainer.fast_dev_run", "trainer.overfit_batches", "debug")
+LIMITS = ("trainer.limit_test_batches", "trainer.fast_dev_run", "trainer.overfit_batches", "debug", "hparams_search")
 
 
 def eval_command_line(args: list[str]) -> list[str]:
@@ -63,7 +64,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
     quiet_libraries()
     task, _ = load_task(cfg.ckpt_path)
-    log.info("Loaded task <%s> from %s", cfg.task._target_, cfg.ckpt_path)
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # once, not once per process
+        log.info("Loaded task <%s> from %s", cfg.task._target_, cfg.ckpt_path)
     datamodule = instantiate(cfg.data_module)
     trainer = instantiate(
         cfg.trainer,

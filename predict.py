@@ -28,11 +28,13 @@ def parse_args(args: list[str]) -> dict[str, str]:
     for arg in args:
         key, equals, value = arg.partition("=")
         if not equals or key not in KEYS:
-            raise ConfigError(f"unknown argument {arg!r}; use: python predict.py ckpt_path=PATH inputs=FILE_OR_FOLDER")
+            raise ConfigError(
+                f"{arg}: not an argument of predict.py; fix: python predict.py ckpt_path=PATH inputs=FILE_OR_FOLDER"
+            )
         values[key] = value
     for key in KEYS:
         if not values.get(key):
-            raise ConfigError(f"{key} is not set; use: python predict.py ckpt_path=PATH inputs=FILE_OR_FOLDER")
+            raise ConfigError(f"{key}: not set; fix: python predict.py ckpt_path=PATH inputs=FILE_OR_FOLDER")
     return values
 
 
@@ -42,7 +44,9 @@ def image_files(inputs: str) -> list[Path]:
         return [path]
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else []
     if not files:
-        raise ConfigError(f"inputs={inputs} is not an image nor a folder holding .png/.jpg/.jpeg files; give one")
+        raise ConfigError(
+            f"inputs={inputs}: an image, or a folder holding .png/.jpg/.jpeg files; fix: inputs=my_digits/"
+        )
     return files
 
 
@@ -91,7 +95,9 @@ def predict(ckpt_path: str, files: list[Path]) -> list[tuple[Path, int, float]]:
             with Image.open(file) as image:
                 images.append(to_mnist(image))
         except (OSError, ValueError) as err:
-            raise ConfigError(f"inputs: {file} cannot be read as a digit image ({err}); remove it or fix it") from err
+            raise ConfigError(
+                f"inputs: {file} cannot be read as a digit image ({err}); fix: remove it from {file.parent}"
+            ) from err
     batch = normalize(torch.from_numpy(np.stack(images)).unsqueeze(1))
     with torch.inference_mode():
         confidence, digit = task(batch).softmax(dim=1).max(dim=1)

@@ -80,6 +80,10 @@ class RunRecord(pl.Callback):
 
     @rank_zero_only
     def write(self, **changes: Any) -> None:
+        self.write_here(**changes)
+
+    def write_here(self, **changes: Any) -> None:
+        """Write from this process whatever its rank: a failing rank 1 is the one that knows why."""
         wall_time = self.earlier_wall_time + time.perf_counter() - self.started
         self.record.update(changes, wall_time_s=wall_time)
         try:
@@ -100,7 +104,7 @@ class RunRecord(pl.Callback):
             else:
                 first_line = str(err).strip().splitlines()[0] if str(err) else ""
                 reason = user_error(err) or f"{type(err).__name__}: {first_line}"
-                self.write(status="failed", error=reason)
+                self.write_here(status="failed", error=reason)
             raise
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -124,7 +128,11 @@ class RunRecord(pl.Callback):
         stopped = [cb.stopping_reason_message for cb in trainer.callbacks if isinstance(cb, EarlyStopping)]
         self.write(epochs=trainer.current_epoch, stopped=next((s for s in stopped if s), None))
 
-    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """The run is complete once testing ends, even if it tested nothing (limit_test_batches=0);
+        an exception in testing comes out of `failures()` afterwards and says failed instead."""
+        if stage != "test":
+            return
         self.metrics.update({name: float(value) for name, value in trainer.callback_metrics.items()})
         self.metrics["objective"] = self.metrics.get("val/acc_best")
         self.write(status="completed", metrics=self.metrics)

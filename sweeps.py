@@ -14,6 +14,7 @@ import argparse
 import atexit
 import csv
 import json
+import logging
 import os
 import statistics
 import sys
@@ -68,8 +69,11 @@ def write_record(run_dir: Path, record: dict[str, Any]) -> None:
     path = Path(run_dir) / RECORD
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{RECORD}.{os.getpid()}")
-    partial.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(partial, path)
+    try:
+        partial.write_text(json.dumps(record, indent=2) + "\n")
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def summary_rows(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -294,35 +298,44 @@ class SweepReport(HydraCallback):
     def __init__(self) -> None:
         self.started = 0.0
         self.sweep_dir: Path | None = None
+        self.pid = 0
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.sweep_dir = Path(config.hydra.sweep.dir)
+        self.pid = os.getpid()  # joblib and submitit run the job hooks in their workers too: they skip them
         atexit.register(self._report)
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.started = time.perf_counter()
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        if self.sweep_dir is None:  # a single run: nothing to summarise
+        if self.sweep_dir is None or os.getpid() != self.pid:  # a single run, or a launcher's worker
             return
         run_dir = Path(config.hydra.runtime.output_dir)
-        if job_return.status == JobStatus.FAILED:
+        record = read_record(run_dir) or {}
+        # The job's own RunRecord says how it ended; this records only a job that could not say it
+        # (stopped before its run began, or killed while running).
+        if job_return.status == JobStatus.FAILED and record.get("status") in (None, "running"):
             error = job_return._return_value
-            write_record(
-                run_dir,
-                {
-                    **(read_record(run_dir) or {}),
-                    "overrides": list(config.hydra.overrides.task),
-                    "status": "failed",
-                    "error": f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error) else ''}",
-                    "wall_time_s": time.perf_counter() - self.started,
-                },
-            )
-        write_summary(self.sweep_dir)
+            first_line = str(error).strip().splitlines()[0] if str(error) else ""
+            if type(error).__name__ != "JobFailed":  # that one's message is the job's own error line
+                first_line = f"{type(error).__name__}: {first_line}"
+            record.update(overrides=list(config.hydra.overrides.task), status="failed", error=first_line)
+            record.setdefault("wall_time_s", time.perf_counter() - self.started)
+            self._write(lambda: write_record(run_dir, record))
+        self._write(lambda: write_summary(self.sweep_dir))
 
     def _report(self) -> None:
-        if self.sweep_dir is not None and self.sweep_dir.is_dir():
-            print_summary(write_summary(self.sweep_dir), self.sweep_dir)
+        if self.sweep_dir is not None and self.sweep_dir.is_dir() and os.getpid() == self.pid:
+            self._write(lambda: print_summary(write_summary(self.sweep_dir), self.sweep_dir))
+
+    @staticmethod
+    def _write(write: Any) -> None:
+        """A full disk must not end the sweep: the jobs' own records are on disk already."""
+        try:
+            write()
+        except OSError as err:
+            logging.getLogger(__name__).warning("could not write the sweep summary: %s", err)
 
 
 def find_runs(paths: list[Path]) -> list[Path]:

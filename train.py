@@ -21,9 +21,9 @@ import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from cli import command_line, exit_on_error, interrupt_exit_code
+from cli import ConfigError, command_line, exit_on_error, interrupt_exit_code
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +44,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     with record.failures():
         print_config(cfg, run_dir)
         pl.seed_everything(record.seed, workers=True, verbose=False)
-        log.info("Instantiating task <%s>", cfg.task._target_)
+        say = log.info if pl.utilities.rank_zero_only.rank == 0 else log.debug  # once, not once per process
+        say("Instantiating task <%s>", cfg.task._target_)
         task = instantiate(cfg.task)
-        log.info("Instantiating data module <%s>", cfg.data_module._target_)
+        say("Instantiating data module <%s>", cfg.data_module._target_)
         datamodule = instantiate(cfg.data_module)
-        log.info("Instantiating trainer <%s>", cfg.trainer._target_)
+        say("Instantiating trainer <%s>", cfg.trainer._target_)
         trainer = instantiate(
             cfg.trainer,
             default_root_dir=str(run_dir),
@@ -59,13 +60,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None  # none under fast_dev_run
         trainer.test(task, datamodule=datamodule, ckpt_path=best, weights_only=True)
-    if trainer.is_global_zero:
-        log.info(
-            "test accuracy: %.4f (%s; fit took %.0f s)",
-            record.metrics["test/acc"],
-            best or "last weights",
-            record.fit_seconds,
-        )
+    accuracy = record.metrics.get("test/acc")
+    if trainer.is_global_zero and accuracy is not None:  # none where testing was skipped
+        log.info("test accuracy: %.4f (%s; fit took %.0f s)", accuracy, best or "last weights", record.fit_seconds)
     return record.metrics
 
 
@@ -102,20 +99,10 @@ def group_nodes(cfg: DictConfig, group: str, hydra_cfg: DictConfig, **settings: 
 
     node = cfg.get(group)
     if hydra_cfg.runtime.choices.get(group) is None:
+        if node:  # `+callbacks.x.y=...` with no option chosen would be dropped without a word
+            raise ConfigError(f"{group}: settings given but no {group} option chosen; fix: add {group}=default")
         node = compose(config_name=hydra_cfg.job.config_name, overrides=[f"{group}=default"])[group]
     return [instantiate(child, **{k: v for k, v in settings.items() if k in child}) for child in (node or {}).values()]
-
-
-def run_group(output_dir: str) -> str:
-    """The folder that holds a run's folder, relative to the current folder when inside it: outputs/DATE
-    for a single run, the sweep folder for a sweep's job. configs/logger/{mlflow,wandb}.yaml group runs
-    by it, so the jobs of a sweep, each its own train.py process, land in one experiment."""
-    group = Path(output_dir).parent
-    return str(group.relative_to(Path.cwd())) if group.is_relative_to(Path.cwd()) else str(group)
-
-
-OmegaConf.register_new_resolver("run_group", run_group)
-OmegaConf.register_new_resolver("run_name", lambda output_dir: Path(output_dir).name)
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")

@@ -273,7 +273,8 @@ def build_trainer(cfg: DictConfig) -> Any:
     trainer = checkable(cfg.trainer)
     check_trainer_arguments(trainer)
     quiet = logging.getLogger("pytorch_lightning")
-    level, quiet.level = quiet.level, logging.WARNING  # "GPU available: ..." belongs to the real trainer
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # "GPU available: ..." belongs to the real trainer
     try:
         return instantiate(trainer, logger=False, enable_checkpointing=False, callbacks=[])
     except Exception as err:
@@ -283,7 +284,7 @@ def build_trainer(cfg: DictConfig) -> Any:
             "(python train.py --cfg job --package trainer shows them)"
         ) from err
     finally:
-        quiet.level = level
+        quiet.setLevel(level)
 
 
 def check_processes(trainer: Any, strategy: Any, launcher: str | None = None) -> None:
@@ -340,9 +341,13 @@ def check_data_dir(cfg: DictConfig) -> None:
 
 
 def check_run(cfg: DictConfig, launcher: str | None = None) -> None:
-    """Everything about one run's config, fastest checks first."""
+    """Everything about one run's config, fastest checks first. A SLURM sweep's jobs run on other
+    machines (with GPUs the submitting host may lack): their trainer and data are checked there."""
     check_schemas(cfg)
     check_targets(cfg)
+    if launcher and "SlurmLauncher" in launcher:
+        check_trainer_arguments(checkable(cfg.trainer))
+        return
     check_processes(build_trainer(cfg), cfg.trainer.get("strategy"), launcher)
     check_data_dir(cfg)
 

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, setup_globals
+from hydra.errors import CompactHydraException
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict
@@ -29,8 +30,9 @@ from sweeps import read_record
 log = logging.getLogger(__name__)
 
 
-class JobFailed(RuntimeError):
-    """A job's process ended without a completed run; the message is its last error line."""
+class JobFailed(CompactHydraException):
+    """A job's process ended without a completed run; the message is its last error line. Hydra
+    prints a compact exception as its message alone, so a sweep with a failed job ends in one line."""
 
 
 class SubprocessLauncher(Launcher):
@@ -80,16 +82,17 @@ class SubprocessLauncher(Launcher):
         resume = [f"++ckpt_path={quoted(last)}"] if last.is_file() else []
         if resume:
             log.info("job %d continues from %s", idx, last)
-        command = [
-            sys.executable,
-            sys.argv[0],
-            *overrides,
-            *resume,
-            f"hydra.run.dir={quoted(job_dir)}",
-            "hydra.mode=RUN",
-        ]
+        command = [sys.executable, sys.argv[0], *overrides, *resume, *self.hydra_settings()]
+        command += [f"hydra.run.dir={quoted(job_dir)}", "hydra.mode=RUN"]
         error_lines = run_teeing_stderr(command)
         return self.job_return(read_record(job_dir), error_lines)
+
+    def hydra_settings(self) -> list[str]:
+        """The command line's `hydra.*` overrides that shape a job (`hydra.job.env_set.*`,
+        `hydra/job_logging=...`, `hydra.verbose`), less those that belong to the sweep itself."""
+        sweep_only = ("hydra.mode", "hydra.sweep", "hydra.launcher", "hydra.sweeper", "hydra.run", "hydra.callbacks")
+        keys = [(arg, override_key(arg) or "") for arg in self.config.hydra.overrides.hydra]
+        return [arg for arg, key in keys if not key.startswith(sweep_only)]
 
     def job_return(self, record: dict | None, error_lines: Sequence[str] = ()) -> JobReturn:
         ret = JobReturn(status=JobStatus.COMPLETED)
@@ -118,5 +121,5 @@ def run_teeing_stderr(command: list[str], keep: int = 20) -> list[str]:
             process.wait()
         except KeyboardInterrupt:  # Ctrl-C reached the job too: let it save last.ckpt, then stop the sweep
             process.wait()
-            raise
+            raise SystemExit(130) from None
     return list(lines)

@@ -105,16 +105,16 @@ def test_overfit_batches_trains_on_the_same_first_batches_every_epoch(tmp_path, 
     assert module.epochs == [list(range(16))] * 3
 
 
-def test_profiler_dirpath_resolves_in_the_checks_before_a_run(tmp_path):
-    """The profiler's `${hydra:runtime.output_dir}` is resolved when validation.py builds the
-    trainer, before Hydra sets it for the job: the bad precision must be what is reported."""
+def test_the_checks_build_a_profiled_trainer_before_a_run(tmp_path):
+    """The profiler's `${hydra:runtime.output_dir}` names a folder Hydra sets only when the job starts:
+    the checks build the trainer without that key, and the bad precision is what they report."""
     result = run_train("debug=profiler", *CPU, "+trainer.precision=bf17", f"hydra.run.dir={tmp_path / 'run'}")
     assert result.returncode == 2, result.stderr
     assert "bf17" in result.stderr
     assert "HydraConfig" not in result.stderr
 
 
-def test_profiler_dirpath_resolves_in_the_checks_before_a_sweep(tmp_path):
+def test_the_checks_build_a_profiled_trainer_before_a_sweep(tmp_path):
     result = run_train(
         "-m", "debug=profiler", *CPU, "+trainer.precision=32-true,bf17", f"hydra.sweep.dir={tmp_path / 'sweep'}"
     )

@@ -259,3 +259,13 @@ def test_the_progress_bar_counts_epochs_as_the_epoch_lines_do_and_hides_the_sani
     assert (first, second) == ("Epoch 1/2", "Epoch 2/2")
     assert "val/acc" not in before  # only the sanity check had validated
     assert after["val/acc"] == 0.5
+
+
+def test_a_search_trial_continues_as_a_run_not_as_a_new_search(tmp_path):
+    run_dir = tmp_path / "sweep" / "3"
+    ckpt = make_checkpoint(run_dir / "checkpoints" / "last.ckpt", time.time())
+    (run_dir / ".hydra").mkdir()
+    (run_dir / ".hydra" / "overrides.yaml").write_text("- task.optimizer.lr=0.001\n- hparams_search=mnist_optuna\n")
+    args = command_line([f"ckpt_path={ckpt}"])
+    assert "task.optimizer.lr=0.001" in args
+    assert not any(arg.startswith("hparams_search") for arg in args)  # its file sets hydra.mode: MULTIRUN
