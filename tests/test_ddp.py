@@ -107,7 +107,7 @@ def test_two_process_fit_and_test_keep_one_run_directory_and_print_once(ddp_run)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["path", "last"])
+@pytest.mark.parametrize("how", ["last"])
 def test_a_ddp_run_continues_in_both_processes_and_keeps_its_seed_and_history(how, ddp_run, tmp_path):
     source, _ = ddp_run
     # `last` finds the newest last.ckpt under ./outputs and ./multirun of the folder the command runs in.
@@ -192,6 +192,7 @@ def test_an_optuna_search_on_ddp_trains_each_trial_in_both_processes(tmp_path, m
         "-m",
         "hparams_search=mnist_optuna",
         "hydra.sweeper.n_trials=2",
+        "++trainer.fast_dev_run=true",
         *TINY_DDP_RUN,
         f"data_module.data_dir={mnist_dir}",
         f"hydra.sweep.dir={sweep_dir}",

@@ -254,14 +254,14 @@ def test_sigterm_saves_where_the_run_stands_and_the_run_continues_from_there(tmp
 def test_sigkill_leaves_the_last_good_checkpoint_and_the_run_continues_from_it(tmp_path, mnist_dir):
     run_dir = tmp_path / "run"
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
-    process = start_training(run_dir, mnist_dir, max_epochs=3)
+    process = start_training(run_dir, mnist_dir, max_epochs=2)
     wait_for(checkpoint.is_file, process)
     time.sleep(random.uniform(0, 2))  # anywhere in the next epoch, a checkpoint write included
     process.kill()
     process.communicate(timeout=60)
 
     assert process.returncode == -signal.SIGKILL
-    assert_resumes_to_the_end(checkpoint, run_dir, epochs=3)
+    assert_resumes_to_the_end(checkpoint, run_dir, epochs=2)
 
 
 def read(path: Path) -> str:
