@@ -315,7 +315,8 @@ def data_dir_path(data_dir: str) -> Path:
 
 
 def check_writable(key: str, folder: Path, fix: str) -> None:
-    """Create `folder` and write a file in it for real: `os.access` says yes to root on a read-only mount."""
+    """Create `folder` and write a file in it for real (`os.access` says yes to root on a read-only
+    mount), then remove what the probe made: the run makes its folders when it starts."""
     missing = [path for path in (folder, *folder.parents) if not path.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -323,9 +324,10 @@ def check_writable(key: str, folder: Path, fix: str) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
-        if missing:
-            shutil.rmtree(missing[-1], ignore_errors=True)  # the topmost folder this made
         raise ConfigError(f"{key}={folder}: a folder this process can write ({err.strerror}); fix: {fix}") from err
+    finally:
+        if missing:
+            shutil.rmtree(missing[-1], ignore_errors=True)  # the topmost folder the probe made
 
 
 def check_data_dir(cfg: DictConfig) -> None:

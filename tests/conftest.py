@@ -86,3 +86,12 @@ def learned(tmp_path_factory: pytest.TempPathFactory, mnist_dir: Path) -> Path:
     result = run_train(*LEARNING_RUN, f"data_module.data_dir={mnist_dir}", f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr
     return run_dir
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_written_into_the_project():
+    """Tests write under their temporary folders only: no outputs/, multirun/ or data/ left here."""
+    before = set(PROJECT_DIR.iterdir())
+    yield
+    new = {path.name for path in set(PROJECT_DIR.iterdir()) - before} - {".pytest_cache", "__pycache__"}
+    assert not new, f"the tests left {sorted(new)} in {PROJECT_DIR}"
