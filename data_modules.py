@@ -114,8 +114,6 @@ class MNISTDataModule(pl.LightningDataModule):
         )
 
     def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
-        if isinstance(batch, Tensor):
-            return batch  # the task's example input, which Lightning's model summary passes through here
         images, labels = batch
         images = images.float()
         if self.augment and self.trainer is not None and self.trainer.training:

@@ -16,10 +16,11 @@ import matplotlib
 import numpy as np
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import EarlyStopping, ProgressBar, RichProgressBar
+from pytorch_lightning.callbacks import EarlyStopping, ModelSummary, ProgressBar, RichProgressBar
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities.model_summary.model_summary import _format_summary_table
 from rich.console import Console
 from rich.syntax import Syntax
 from rich.tree import Tree
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 class LibraryNoise(logging.Filter):
     """Drops library lines that say nothing about the user's run."""
 
-    NOISE = ("💡 Tip:",)
+    NOISE = ("💡 Tip:", "Trainer already configured with model summary")
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith(self.NOISE)
@@ -44,7 +45,8 @@ class LibraryNoise(logging.Filter):
 
 def quiet_libraries() -> None:
     """Silence what a user cannot act on, at its source: torch 2.14 deprecates an API that Lightning
-    2.6 calls, and Lightning advertises a cloud logger when its trainer is built."""
+    2.6 calls, Lightning advertises a cloud logger when its trainer is built, and says it keeps the
+    model summary the callbacks group gives it."""
     import warnings
 
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
@@ -158,6 +160,26 @@ def print_config(cfg: DictConfig, run_dir: Path) -> None:
     Console().print(tree)
     with (Path(run_dir) / "config_tree.txt").open("w") as f:
         Console(file=f, width=120, color_system=None).print(tree)
+
+
+class ParameterSummary(ModelSummary):
+    """Lightning's model summary (layers, parameters, size), logged, so train.log has it too, and
+    without its FLOPs total, which reads 0 for a model that declares no example input."""
+
+    @staticmethod
+    def summarize(
+        summary_data: list,
+        total_parameters: int,
+        trainable_parameters: int,
+        model_size: float,
+        total_training_modes: dict,
+        total_flops: int,
+        **kwargs: Any,
+    ) -> None:
+        table = _format_summary_table(
+            total_parameters, trainable_parameters, model_size, total_training_modes, total_flops, *summary_data
+        )
+        log.info("\n%s", table.rsplit("\n", 1)[0])  # the last line is the FLOPs total
 
 
 def progress_bar() -> ProgressBar:

@@ -5,7 +5,6 @@ from collections.abc import Callable
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
@@ -44,8 +43,6 @@ class MNISTClassification(pl.LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes=10, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=10, average="micro")
         self.test_confusion = MulticlassConfusionMatrix(num_classes=10)
-        # Lightning's model summary counts FLOPs on this input (0 without one).
-        self.example_input_array = torch.zeros(1, 1, 28, 28)
 
     def forward(self, x: Tensor) -> Tensor:
         # Under trainer.precision=bf16-true/16-true/64-true the weights change dtype; the batch,
