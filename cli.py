@@ -1,6 +1,6 @@
 """The command line of train.py, eval.py and predict.py: the spec's spellings, resuming a run, and errors.
 
-Two jobs, both done where the program starts and nowhere else:
+Two jobs, both done where a program starts and nowhere else:
 
 - `command_line(args)` turns the spec's spellings into Hydra's before Hydra parses them:
   `task.model.backbone=resnet50` selects a config-group option (`task/model/backbone=resnet50`),
@@ -12,7 +12,9 @@ Two jobs, both done where the program starts and nowhere else:
 - `exit_on_error` ends the program with one line, `error: ... fix: ...`, and exit code 2 when an
   exception is something the user can fix; anything else is a bug and keeps its traceback.
 
-Imports here are light (no torch), so a typo costs half a second.
+Every process that composes a config imports this module (sweep workers too), so it also
+registers the resolvers the tracking loggers' configs use (`run_group`, `run_name`). Imports here
+are light (no torch), so a typo costs half a second.
 """
 
 import errno
