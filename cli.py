@@ -4,11 +4,11 @@ Two jobs, both done where a program starts and nowhere else:
 
 - `command_line(args)` turns the spec's spellings into Hydra's before Hydra parses them:
   `task.model.backbone=resnet50` selects a config-group option (`task/model/backbone=resnet50`),
-  `seed=3` and `ckpt_path=...` add keys that config.yaml leaves out (its `--cfg job` output is the
-  spec's), and `ckpt_path=last|PATH` continues the checkpoint's run in its own folder with its
-  recorded overrides. The result is a fixed point: `command_line(command_line(a)) ==
-  command_line(a)`, so the processes Lightning's DDP launcher starts by re-running the command
-  line arrive at the same config.
+  `seed=3`, `ckpt_path=...` and `task.speed=auto` add keys that config.yaml leaves out (its
+  `--cfg job` output is the spec's), and `ckpt_path=last|PATH` continues the checkpoint's run in
+  its own folder with its recorded overrides. The result is a fixed point:
+  `command_line(command_line(a)) == command_line(a)`, so the processes Lightning's DDP launcher
+  starts by re-running the command line arrive at the same config.
 - `exit_on_error` ends the program with one line, `error: ... fix: ...`, and exit code 2 when an
   exception is something the user can fix; anything else is a bug and keeps its traceback.
 
@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 
 PROJECT_DIR = Path(__file__).resolve().parent
 CONFIG_DIR = PROJECT_DIR / "configs"
-RUN_KEYS = ("seed", "ckpt_path")
+RUN_KEYS = ("seed", "ckpt_path", "task.speed")
 # Where Hydra puts runs and sweeps by default, relative to the folder a run starts in.
 RUN_ROOTS = (Path("outputs"), Path("multirun"))
 

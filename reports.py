@@ -45,11 +45,13 @@ class LibraryNoise(logging.Filter):
 
 def quiet_libraries() -> None:
     """Silence what a user cannot act on, at its source: torch 2.14 deprecates an API that Lightning
-    2.6 calls, Lightning advertises a cloud logger when its trainer is built, and says it keeps the
-    model summary the callbacks group gives it."""
+    2.6 calls, Lightning advertises a cloud logger when its trainer is built, says it keeps the
+    model summary the callbacks group gives it, and doubts its model size under mixed precision
+    (where the weights stay 32-bit, so the size it gives is right)."""
     import warnings
 
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    warnings.filterwarnings("ignore", message=r"Precision .*-mixed is not supported by the model summary")
     logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(LibraryNoise())
 
 

@@ -5,10 +5,13 @@ from collections.abc import Callable
 from typing import Any
 
 import pytorch_lightning as pl
+from pytorch_lightning.trainer.states import TrainerFn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+
+from speed import MeasuredSpeed
 
 
 class Diverged(FloatingPointError):
@@ -22,6 +25,7 @@ class MNISTClassification(pl.LightningModule):
     `configure_optimizers` supplies. `scheduler`, also partial, is stepped every batch; a
     schedule that needs `total_steps` (OneCycleLR) gets the trainer's count. `compile=True`
     compiles the model with `torch.compile` (bench/compute.py shows where that pays).
+    `speed="auto"` measures which precision and memory layout train fastest here (speed.py).
     """
 
     def __init__(
@@ -31,6 +35,7 @@ class MNISTClassification(pl.LightningModule):
         loss_function: nn.Module,
         scheduler: Callable[..., LRScheduler] | None = None,
         compile: bool = False,
+        speed: str | None = None,
     ) -> None:
         super().__init__()
         if compile:
@@ -39,6 +44,7 @@ class MNISTClassification(pl.LightningModule):
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.loss_function = loss_function
+        self.speed = speed
         self.train_acc = MulticlassAccuracy(num_classes=10, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=10, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=10, average="micro")
@@ -48,6 +54,11 @@ class MNISTClassification(pl.LightningModule):
         # Under trainer.precision=bf16-true/16-true/64-true the weights change dtype; the batch,
         # made float32 after transfer, follows them. Mixed precision keeps float32 weights.
         return self.model(x.to(self.dtype))
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        # Only when fitting: testing keeps the fit's callback (and its choice) instead of replacing it.
+        fitting = self.trainer.state.fn == TrainerFn.FITTING
+        return [MeasuredSpeed()] if self.speed == "auto" and fitting else []
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch

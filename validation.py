@@ -56,11 +56,15 @@ class LossSchema:
 @dataclass
 class TaskSchema:
     compile: bool = ranged(False, "true or false")
+    speed: str | None = ranged(
+        "auto", "auto, or null for the trainer's settings as given", lambda v: v in {None, "auto"}
+    )
 
 
 @dataclass
 class BackboneSchema:
     pretrained: bool = ranged(False, "true or false")
+    stem: str = ranged("imagenet", "imagenet or digits", lambda v: v in ("imagenet", "digits"))
 
 
 @dataclass
@@ -76,6 +80,7 @@ class DataModuleSchema:
     pin_memory: bool = ranged(False, "true or false")
     drop_last: bool = ranged(True, "true or false")
     augment: bool = ranged(False, "true or false")
+    on_device: bool | None = ranged(None, "true, false, or null (on when the run has a GPU)")
     data_dir: str = ranged("./data/mnist", "a folder path", lambda v: bool(v.strip()))
 
 

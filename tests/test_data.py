@@ -113,3 +113,38 @@ def test_worker_processes_are_not_started_for_the_in_memory_set(mnist_dir):
     datamodule.setup()
     assert datamodule.train_dataloader().num_workers == 0
     assert datamodule.test_dataloader().num_workers == 0
+
+
+@pytest.mark.parametrize(
+    "accelerator",
+    ["cpu", pytest.param("gpu", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))],
+)
+def test_on_device_keeps_the_set_on_the_runs_device_and_cuts_the_same_batches_there(mnist_dir, accelerator):
+    import pytorch_lightning as pl
+
+    def first_batch(on_device):
+        datamodule = MNISTDataModule(data_dir=str(mnist_dir), batch_size=32, pin_memory=True, on_device=on_device)
+        datamodule.trainer = pl.Trainer(accelerator=accelerator, devices=1, logger=False)
+        datamodule.setup("fit")
+        loader = datamodule.train_dataloader()
+        torch.manual_seed(0)
+        return datamodule, loader, next(iter(loader))
+
+    datamodule, loader, (images, labels) = first_batch(on_device=True)
+    device = datamodule.trainer.strategy.root_device
+    assert datamodule.train_set.images.device == device
+    assert datamodule.test_set.labels.device == device
+    assert (images.device, labels.device) == (device, device)  # cut where the set lives: nothing to copy
+    assert not loader.pin_memory  # pinning is for host memory
+    _, host_loader, (host_images, host_labels) = first_batch(on_device=False)
+    assert torch.equal(images.cpu(), host_images)
+    assert torch.equal(labels.cpu(), host_labels)
+    assert host_loader.pin_memory == (accelerator == "gpu")
+
+
+def test_by_default_the_set_stays_in_host_memory_without_a_gpu(mnist_dir):
+    import pytorch_lightning as pl
+
+    datamodule = MNISTDataModule(data_dir=str(mnist_dir))
+    datamodule.trainer = pl.Trainer(accelerator="cpu", logger=False)
+    assert not datamodule.keeps_set_on_device()

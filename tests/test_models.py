@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 import torchvision
@@ -65,3 +67,44 @@ def test_pretrained_without_weights_names_the_fix(tmp_path, monkeypatch):
         backbones.ResNet50(pretrained=True)
     assert str(tmp_path / "hub" / "checkpoints" / "resnet50-0676ba61.pth") in str(err.value)
     assert user_error(err.value).endswith("fix: train from scratch with task.model.backbone.pretrained=false")
+
+
+@pytest.mark.parametrize("backbone", [backbones.ResNet18, backbones.ResNet50])
+def test_centre_tap_convolutions_give_the_plain_convolutions_outputs_and_gradients(backbone):
+    torch.manual_seed(0)
+    fast = backbone()
+    plain = copy.deepcopy(fast)
+    swapped = 0
+    for module in list(plain.modules()):
+        for name, conv in list(module.named_children()):
+            if isinstance(conv, backbones.CentreTapConv2d):
+                twin = torch.nn.Conv2d(conv.in_channels, conv.out_channels, 3, padding=1, bias=False)
+                twin.weight = conv.weight
+                setattr(module, name, twin)
+                swapped += 1
+    assert swapped >= 13  # every 3x3 stride-1 convolution, the 1x1-map ones among them
+    assert list(plain.state_dict()) == list(fast.state_dict())  # checkpoints and ImageNet weights fit either way
+    images = torch.randn(4, 1, 28, 28)
+    for model in (fast, plain):
+        model.eval()
+    out_fast, out_plain = fast(images), plain(images)
+    torch.testing.assert_close(out_fast, out_plain, rtol=1e-4, atol=1e-5)
+    grads_fast = torch.autograd.grad(out_fast.square().sum(), list(fast.parameters()))
+    grads_plain = torch.autograd.grad(out_plain.square().sum(), list(plain.parameters()))
+    for got, want in zip(grads_fast, grads_plain, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)
+
+
+def test_the_digits_stem_feeds_the_same_trunk_with_the_same_map_size():
+    torch.manual_seed(0)
+    imagenet, digits = backbones.ResNet18(), backbones.ResNet18(stem="digits")
+    images = torch.randn(2, 1, 28, 28)
+    assert digits(images).shape == imagenet(images).shape == (2, 512)
+    maps = {}
+    for name, model in (("imagenet", imagenet), ("digits", digits)):
+        model.net.layer1.register_forward_hook(lambda m, i, o, name=name: maps.setdefault(name, o.shape))
+        model(images)
+    assert maps["digits"] == maps["imagenet"] == (2, 64, 7, 7)
+    assert isinstance(digits.net.conv1, torch.nn.Sequential)
+    trunk = {k for k in imagenet.state_dict() if not k.startswith("net.conv1")}
+    assert trunk <= set(digits.state_dict())  # ImageNet weights still fit everything after the stem

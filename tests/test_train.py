@@ -96,7 +96,17 @@ def test_the_model_learns_digits_in_twenty_seconds(learned):
 
 # Lines a normal run must not print: library noise a user cannot act on, and a warning that is false
 # on a new run.
-NOISE = ("LeafSpec", "💡 Tip", "Total FLOPs: 0", "Previous log files", "weights_only", "alembic", "Warning:")
+NOISE = (
+    "LeafSpec",
+    "💡 Tip",
+    "Total FLOPs: 0",
+    "Previous log files",
+    "weights_only",
+    "alembic",
+    "Warning:",
+    "not supported by the model summary",
+    "will override existing callbacks",
+)
 
 
 def test_a_run_prints_nothing_the_user_cannot_act_on(tmp_path, mnist_dir):
@@ -105,12 +115,18 @@ def test_a_run_prints_nothing_the_user_cannot_act_on(tmp_path, mnist_dir):
         *TINY_RUN,
         "trainer.log_every_n_steps=1",
         "data_module.num_workers=8",
+        "+trainer.precision=bf16-mixed",
+        "task.speed=auto",
         f"data_module.data_dir={mnist_dir}",
         f"hydra.run.dir={run_dir}",
+        env={"XDG_CACHE_HOME": str(tmp_path / "cache")},
     )
     assert result.returncode == 0, result.stderr
     printed = result.stdout + result.stderr
     assert [line for line in printed.splitlines() if any(noise in line for noise in NOISE)] == []
+    # The precision given is kept; only the memory layout was measured.
+    assert "speed: bf16-mixed" in printed
+    assert "32-true" not in printed.split("speed: ", 1)[1].splitlines()[0]
     log = (run_dir / "train.log").read_text()
     assert "\x1b[" not in log  # no colour codes in files
     # Settings that change nothing here are said once, on the terminal and in the log.

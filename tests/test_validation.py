@@ -33,6 +33,13 @@ SCHEMA = {
         "task.model.adapter.in_features=2048: 512, the width every backbone gives; "
         "fix: task.model.adapter.in_features=512"
     ),
+    "+task.model.backbone.stem=round": (
+        "task.model.backbone.stem=round: imagenet or digits; fix: task.model.backbone.stem=imagenet"
+    ),
+    "task.speed=fast": "task.speed=fast: auto, or null for the trainer's settings as given; fix: task.speed=auto",
+    "+data_module.on_device=maybe": (
+        "data_module.on_device=maybe: true, false, or null (on when the run has a GPU); fix: data_module.on_device=null"
+    ),
     # Config-group options are checked before Hydra composes anything.
     "task.model.backbone=resnet99": (
         "task.model.backbone=resnet99: one of resnet18, resnet34, resnet50; fix: task.model.backbone=resnet18"

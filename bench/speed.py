@@ -1,0 +1,96 @@
+"""`task.speed=auto` against each fixed setting: the same short training, timed side by side.
+
+    python -m bench.speed                            # resnet18, batch 256, 40 steps, 2 rounds
+    python -m bench.speed --backbone resnet50 --steps 20
+
+Each variant trains the mnist_99 recipe for `--steps` steps with `trainer.fit` (no validation,
+checkpoints or logger); rounds interleave the variants so the machine's noise falls on all alike.
+`auto, measuring` starts with an empty cache, so its time includes the measurement; `auto, cached`
+reads the choice the first one stored, as every later run on the machine does.
+"""
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+import pytorch_lightning as pl
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from bench.machine import describe
+from cli import CONFIG_DIR, spell_for_hydra
+from reports import quiet_libraries
+from speed import Setting, cache_file, read_cache
+
+FIXED = {
+    "32-true": ("32-true", False),
+    "32-true + channels_last": ("32-true", True),
+    "bf16-mixed": ("bf16-mixed", False),
+    "bf16-mixed + channels_last": ("bf16-mixed", True),
+}
+
+
+def fit_seconds(backbone: str, batch_size: int, steps: int, precision: str, channels_last: bool, auto: bool) -> float:
+    overrides = ["+experiment=mnist_99", f"task.model.backbone={backbone}", f"data_module.batch_size={batch_size}"]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[spell_for_hydra(o, CONFIG_DIR) for o in overrides])
+    pl.seed_everything(0, verbose=False)
+    task = instantiate(cfg.task, speed="auto" if auto else None)
+    if channels_last:
+        task.model.to(memory_format=torch.channels_last)
+    trainer = pl.Trainer(
+        accelerator="auto",
+        devices=1,
+        precision=precision,
+        max_steps=steps,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    start = time.perf_counter()
+    trainer.fit(task, datamodule=instantiate(cfg.data_module))
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--backbone", default="resnet18")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    quiet_libraries()
+    print(describe())
+    print(
+        f"{args.backbone}, batch {args.batch_size}, {args.steps} steps of trainer.fit, median of {args.rounds} rounds"
+    )
+    with tempfile.TemporaryDirectory() as cache_root:
+        os.environ["XDG_CACHE_HOME"] = cache_root  # this benchmark's own cache, empty at first
+        times: dict[str, list[float]] = {}
+        for _ in range(args.rounds):
+            for name, (precision, channels_last) in FIXED.items():
+                run = fit_seconds(args.backbone, args.batch_size, args.steps, precision, channels_last, auto=False)
+                times.setdefault(name, []).append(run)
+            cache_file().unlink(missing_ok=True)
+            times.setdefault("auto, measuring", []).append(
+                fit_seconds(args.backbone, args.batch_size, args.steps, "32-true", False, auto=True)
+            )
+            times.setdefault("auto, cached", []).append(
+                fit_seconds(args.backbone, args.batch_size, args.steps, "32-true", False, auto=True)
+            )
+        (entry,) = read_cache(cache_file()).values()
+    base = statistics.median(times["32-true"])
+    print(f"{'setting':28} {'fit s':>7} {'x 32-true':>10}")
+    for name, runs in times.items():
+        median = statistics.median(runs)
+        print(f"{name:28} {median:7.1f} {base / median:10.2f}")
+    print(f"\nauto chose {Setting(**entry['choice'])}, measured {entry['why']}")
+
+
+if __name__ == "__main__":
+    main()

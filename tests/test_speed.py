@@ -1,0 +1,107 @@
+import json
+import logging
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from conftest import TINY_RUN, compose_config, run_train
+from hydra.utils import instantiate
+
+import speed
+from cli import command_line
+from speed import PLAIN, MeasuredSpeed, Setting, agrees, candidate_settings
+
+
+def tiny_fit(task, mnist_dir, **trainer_args):
+    datamodule = instantiate(compose_config("data_module.batch_size=8").data_module, data_dir=str(mnist_dir))
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        limit_train_batches=2,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **trainer_args,
+    )
+    trainer.fit(task, datamodule=datamodule)
+    return trainer
+
+
+def auto_task():
+    return instantiate(compose_config("task.model.backbone.pretrained=false", "task.speed=auto").task)
+
+
+def test_auto_applies_its_choice_caches_it_and_reads_it_back(mnist_dir, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    caplog.set_level(logging.INFO, logger="speed")
+    task = auto_task()
+    trainer = tiny_fit(task, mnist_dir)
+
+    (entry,) = json.loads((tmp_path / "mnist-hydra-lightning" / "speed.json").read_text()).values()
+    choice = Setting(**entry["choice"])
+    assert choice in candidate_settings(PLAIN, torch.device("cpu"))
+    assert trainer.precision == choice.precision
+    stem = task.model.backbone.net.conv1.weight
+    assert stem.is_contiguous(memory_format=torch.channels_last) == choice.channels_last
+    assert "images/s over 3 steps of 8" in entry["why"]
+    assert any(r.message.startswith(f"speed: {choice}, measured in") for r in caplog.records)
+
+    caplog.clear()
+    monkeypatch.setattr(speed, "measure", lambda *args: pytest.fail("measured again despite the cache"))
+    tiny_fit(auto_task(), mnist_dir)
+    assert any(f"speed: {choice}, measured on this machine" in r.message for r in caplog.records)
+
+
+def test_the_fastest_setting_whose_loss_agrees_wins(mnist_dir, tmp_path, monkeypatch):
+    bf16, fast_wrong = Setting("bf16-mixed"), Setting("bf16-mixed", channels_last=True)
+    speeds = {Setting(): 100.0, Setting(PLAIN, True): 110.0, bf16: 150.0, fast_wrong: 300.0}
+    losses = {Setting(): 1.0, Setting(PLAIN, True): 1.01, bf16: 1.05, fast_wrong: float("nan")}
+    monkeypatch.setattr(speed, "measure", lambda *args: (speeds, losses))
+    callback = MeasuredSpeed(cache=tmp_path / "speed.json")
+    trainer = tiny_fit(instantiate(compose_config("task.model.backbone.pretrained=false").task), mnist_dir,
+                       callbacks=[callback])  # fmt: skip
+    assert trainer.precision == "bf16-mixed"
+    (entry,) = json.loads((tmp_path / "speed.json").read_text()).values()
+    assert entry["choice"] == {"precision": "bf16-mixed", "channels_last": False}
+    assert "1.50x 32-true" in entry["why"]
+    assert "bf16-mixed + channels_last dropped, its loss nan" in entry["why"]
+
+
+def test_a_precision_given_to_the_trainer_is_kept():
+    assert candidate_settings("bf16-mixed", torch.device("cpu")) == [
+        Setting("bf16-mixed", False),
+        Setting("bf16-mixed", True),
+    ]
+    assert {s.precision for s in candidate_settings(PLAIN, torch.device("cpu"))} == {PLAIN, "bf16-mixed"}
+
+
+def test_agreement_needs_a_finite_loss_near_the_reference():
+    assert agrees(1.05, 1.0)
+    assert not agrees(1.5, 1.0)
+    assert not agrees(float("nan"), 1.0)
+    assert not agrees(float("inf"), 1.0)
+
+
+def test_task_speed_needs_no_plus_on_the_command_line():
+    assert command_line(["task.speed=auto"]) == ["++task.speed=auto"]
+    assert command_line(command_line(["task.speed=auto"])) == ["++task.speed=auto"]
+
+
+@pytest.mark.slow
+def test_auto_speed_run_resumes_from_its_checkpoint(mnist_dir, tmp_path):
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    run_dir = tmp_path / "run"
+    args = [*TINY_RUN, f"data_module.data_dir={mnist_dir}", "data_module.batch_size=16", "task.speed=auto"]
+    first = run_train(*args, f"hydra.run.dir={run_dir}", "seed=1", env=env)
+    assert first.returncode == 0, first.stderr
+    log = (run_dir / "train.log").read_text()
+    assert "measured in" in log.split("speed: ", 1)[1].splitlines()[0]
+    resumed = run_train(f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "trainer.max_epochs=2", env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    log = (run_dir / "train.log").read_text()
+    assert "measured on this machine" in log  # the second start reads the cache
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "completed"
+    assert record["metrics"]["test/acc"] > 0
