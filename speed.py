@@ -3,13 +3,14 @@
 Whether bf16 autocast or channels_last pays depends on the chip: on one 2-core Xeon bf16 made a
 ResNet18 step slower, on an EPYC with avx512_bf16 it made it 1.33x faster. So a run measures the
 candidates for a few steps on its own model and batch size before training, keeps the fastest
-whose loss agrees with 32-bit's, and caches the choice per machine, model and batch size. A
+that trains correctly, and caches the choice per machine, model and batch size. A
 precision given to the trainer (anything but 32-bit) is kept: only the layout is measured then.
 """
 
 import copy
 import json
 import logging
+import math
 import os
 import platform
 import statistics
@@ -74,14 +75,14 @@ class MeasuredSpeed(pl.Callback):
         start = time.perf_counter()
         speeds, losses = measure(pl_module, candidates, images, labels, self.steps)
         plain = Setting(trainer.precision)
-        sound = [c for c in candidates if agrees(losses[c], losses[plain])]
+        sound = [c for c in candidates if trains(losses[c], losses[plain])]
         dropped = [c for c in candidates if c not in sound]
         choice = max(sound, key=speeds.get)
         why = (
             f"{date.today()}: {speeds[choice] / speeds[plain]:.2f}x {plain} ("
             + ", ".join(f"{c} {speeds[c]:.0f}" for c in candidates)
             + f" images/s over {self.steps} steps of {len(labels)}"
-            + "".join(f"; {c} dropped, its loss {losses[c]:.3f} against {losses[plain]:.3f}" for c in dropped)
+            + "".join(f"; {c} dropped, its losses {losses[c][0]:.3f} -> {losses[c][1]:.3f}" for c in dropped)
             + ")"
         )  # fmt: skip
         log.info("speed: %s, measured in %.0f s on %s", choice, time.perf_counter() - start, why)
@@ -110,21 +111,20 @@ def first_batch(trainer: pl.Trainer) -> tuple[Tensor, Tensor]:
 
 def measure(
     task: pl.LightningModule, candidates: list[Setting], images: Tensor, labels: Tensor, steps: int
-) -> tuple[dict[Setting, float], dict[Setting, float]]:
-    """Images/s (median step) and the loss after `steps + 1` steps on one batch, per candidate. Each
-    starts from copies of the same weights and takes the same steps; rounds interleave the
+) -> tuple[dict[Setting, float], dict[Setting, tuple[float, float]]]:
+    """Images/s (median step) and the losses of the first and the last of `steps + 1` steps on one
+    batch, per candidate. Each starts from copies of the same weights; rounds interleave the
     candidates, so the machine's noise falls on all of them alike."""
     runs = {c: TrainingStep(task, c, images, labels) for c in candidates}
-    for run in runs.values():
-        run()  # the first call allocates and picks kernels
+    first = {c: run() for c, run in runs.items()}  # the first call also allocates and picks kernels
     times: dict[Setting, list[float]] = {c: [] for c in candidates}
-    losses = {}
+    last = {}
     for _ in range(steps):
         for c, run in runs.items():
             start = time.perf_counter()
-            losses[c] = run()
+            last[c] = run()
             times[c].append(time.perf_counter() - start)
-    return {c: len(labels) / statistics.median(t) for c, t in times.items()}, losses
+    return {c: len(labels) / statistics.median(t) for c, t in times.items()}, {c: (first[c], last[c]) for c in runs}
 
 
 class TrainingStep:
@@ -148,9 +148,13 @@ class TrainingStep:
         return float(loss.detach())  # waits for the device, so the step is timed whole
 
 
-def agrees(loss: float, reference: float) -> bool:
-    """Trains like 32-bit: finite, and within 10% (+0.05) of 32-bit's loss after the same steps."""
-    return torch.isfinite(torch.tensor(loss)).item() and abs(loss - reference) <= 0.1 * abs(reference) + 0.05
+def trains(losses: tuple[float, float], reference: tuple[float, float]) -> bool:
+    """Computes what 32-bit computes and learns: its first loss, from the same weights and batch,
+    within 10% (+0.05) of 32-bit's, and its last loss finite and lower. Later losses are not
+    compared: a few steps on one batch amplify rounding differences even between two 32-bit
+    layouts."""
+    first, last = losses
+    return abs(first - reference[0]) <= 0.1 * abs(reference[0]) + 0.05 and math.isfinite(last) and last < first
 
 
 def cache_key(model: nn.Module, device: torch.device, batch_size: int, precision: str) -> str:

@@ -2,7 +2,7 @@
 
     python -m bench.gpu                                   # the whole table (about 10 minutes on one GPU)
     python -m bench.gpu --backbones resnet18 --no-compile # a quick look
-    python -m bench.gpu --device cpu --steps 2 --backbones resnet18 --no-compile --time-to 0  # checks the script
+    python -m bench.gpu --device cpu --steps 4 --backbones resnet18 --no-compile --time-to 0.3  # checks the script
 
 Rows: ResNet18/34/50 x fp32 or bf16-mixed x contiguous or channels_last x eager or
 `torch.compile`, each with the whole uint8 set kept on the GPU (`data_module.on_device=true`:
@@ -14,6 +14,7 @@ the set on the device, validated four times an epoch, reports when val/acc first
 
 import argparse
 import itertools
+import logging
 import time
 
 import pytorch_lightning as pl
@@ -79,7 +80,7 @@ def trainer(device: str, precision: str, callbacks: list, **settings) -> pl.Trai
 def epoch_seconds(args, backbone: str, precision: str, channels_last: bool, compiled: bool, on_device: bool) -> float:
     cfg = config("+experiment=mnist_99", f"task.model.backbone={backbone}", f"data_module.batch_size={args.batch_size}")
     pl.seed_everything(0, verbose=False)
-    task = instantiate(cfg.task, compile=compiled)
+    task = instantiate(cfg.task, compile=compiled, speed=None)  # this row's settings, not measured ones
     if channels_last:
         task.model.to(memory_format=torch.channels_last)
     timer = EpochTimer()
@@ -98,6 +99,7 @@ def main() -> None:
     parser.add_argument("--time-to", type=float, default=0.99, help="val/acc to reach with mnist_99; 0 skips it")
     args = parser.parse_args()
     quiet_libraries()
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)  # the table, not each fit's set-up lines
     print(describe())
     print(f"batch {args.batch_size}, {args.steps or 'all'} steps an epoch, second epoch timed\n")
     print(f"{'backbone':9} {'precision':11} {'layout':14} {'compile':8} {'data':7} {'epoch s':>8} {'img/s':>8}")
@@ -117,11 +119,13 @@ def main() -> None:
         cfg = config("+experiment=mnist_99")
         pl.seed_everything(0, verbose=False)
         goal = TimeToAccuracy(args.time_to)
+        limit = args.steps or cfg.trainer.limit_train_batches
         run = trainer(args.device, "32-true", [goal], max_epochs=cfg.trainer.max_epochs, val_check_interval=0.25,
-                      limit_train_batches=cfg.trainer.get("limit_train_batches", 1.0))  # fmt: skip
+                      limit_train_batches=limit)  # fmt: skip
         datamodule = instantiate(cfg.data_module, on_device=True)
-        run.fit(instantiate(cfg.task), datamodule=datamodule)
-        test = run.test(datamodule=datamodule, verbose=False)[0]["test/acc"]
+        task = instantiate(cfg.task)  # task.speed=auto: the recipe as users run it
+        run.fit(task, datamodule=datamodule)
+        test = run.test(task, datamodule=datamodule, verbose=False)[0]["test/acc"]  # the last weights
         when = f"after {goal.reached[0]:.1f} s ({goal.reached[1]} steps)" if goal.reached else "never"
         print(f"\nmnist_99, set on the device: val/acc {args.time_to} reached {when}; test/acc {test:.4f} at the end")
 

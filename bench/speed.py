@@ -10,6 +10,7 @@ reads the choice the first one stored, as every later run on the machine does.
 """
 
 import argparse
+import logging
 import os
 import statistics
 import tempfile
@@ -65,6 +66,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     quiet_libraries()
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)  # the table, not each fit's set-up lines
+    logging.getLogger("speed").setLevel(logging.WARNING)
     print(describe())
     print(
         f"{args.backbone}, batch {args.batch_size}, {args.steps} steps of trainer.fit, median of {args.rounds} rounds"

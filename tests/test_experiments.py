@@ -17,7 +17,8 @@ def test_experiments_compose_onto_the_spec_config(experiment):
     instantiate(cfg.task)
 
 
-def test_one_cycle_schedule_gets_the_trainers_step_count(mnist_dir):
+def test_one_cycle_schedule_gets_the_trainers_step_count(mnist_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # mnist_99 measures its speed settings
     cfg = compose_config("+experiment=mnist_99", "trainer=cpu", "data_module.batch_size=8")
     task = instantiate(cfg.task)
     datamodule = instantiate(cfg.data_module, data_dir=str(mnist_dir))

@@ -91,8 +91,8 @@ def test_centre_tap_convolutions_give_the_plain_convolutions_outputs_and_gradien
     torch.testing.assert_close(out_fast, out_plain, rtol=1e-4, atol=1e-5)
     grads_fast = torch.autograd.grad(out_fast.square().sum(), list(fast.parameters()))
     grads_plain = torch.autograd.grad(out_plain.square().sum(), list(plain.parameters()))
-    for got, want in zip(grads_fast, grads_plain, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)
+    for got, want in zip(grads_fast, grads_plain, strict=True):  # float rounding differs between the two kernels
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4 * float(want.abs().max()) + 1e-6)
 
 
 def test_the_digits_stem_feeds_the_same_trunk_with_the_same_map_size():
@@ -102,7 +102,7 @@ def test_the_digits_stem_feeds_the_same_trunk_with_the_same_map_size():
     assert digits(images).shape == imagenet(images).shape == (2, 512)
     maps = {}
     for name, model in (("imagenet", imagenet), ("digits", digits)):
-        model.net.layer1.register_forward_hook(lambda m, i, o, name=name: maps.setdefault(name, o.shape))
+        model.net.layer1.register_forward_hook(lambda m, i, o, name=name: maps.__setitem__(name, o.shape))
         model(images)
     assert maps["digits"] == maps["imagenet"] == (2, 64, 7, 7)
     assert isinstance(digits.net.conv1, torch.nn.Sequential)
