@@ -19,11 +19,10 @@ import time
 
 import pytorch_lightning as pl
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from bench.fits import bare_trainer, recipe
 from bench.machine import describe
-from cli import CONFIG_DIR, spell_for_hydra
 from reports import quiet_libraries
 
 
@@ -58,33 +57,21 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def config(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=[spell_for_hydra(o, CONFIG_DIR) for o in overrides])
-
-
-def trainer(device: str, precision: str, callbacks: list, **settings) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator=device,
-        devices=1,
-        precision=precision,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **settings,
-    )
-
-
 def epoch_seconds(args, backbone: str, precision: str, channels_last: bool, compiled: bool, on_device: bool) -> float:
-    cfg = config("+experiment=mnist_99", f"task.model.backbone={backbone}", f"data_module.batch_size={args.batch_size}")
+    cfg = recipe("+experiment=mnist_99", f"task.model.backbone={backbone}", f"data_module.batch_size={args.batch_size}")
     pl.seed_everything(0, verbose=False)
     task = instantiate(cfg.task, compile=compiled, speed=None)  # this row's settings, not measured ones
     if channels_last:
         task.model.to(memory_format=torch.channels_last)
     timer = EpochTimer()
-    run = trainer(args.device, precision, [timer], max_epochs=2, limit_train_batches=args.steps, limit_val_batches=0)
+    run = bare_trainer(
+        accelerator=args.device,
+        precision=precision,
+        callbacks=[timer],
+        max_epochs=2,
+        limit_train_batches=args.steps,
+        limit_val_batches=0,
+    )
     run.fit(task, datamodule=instantiate(cfg.data_module, on_device=on_device, pin_memory=True))
     return timer.seconds[-1]
 
@@ -116,12 +103,17 @@ def main() -> None:
         )
 
     if args.time_to:
-        cfg = config("+experiment=mnist_99")
+        cfg = recipe("+experiment=mnist_99")
         pl.seed_everything(0, verbose=False)
         goal = TimeToAccuracy(args.time_to)
         limit = args.steps or cfg.trainer.limit_train_batches
-        run = trainer(args.device, "32-true", [goal], max_epochs=cfg.trainer.max_epochs, val_check_interval=0.25,
-                      limit_train_batches=limit)  # fmt: skip
+        run = bare_trainer(
+            accelerator=args.device,
+            callbacks=[goal],
+            max_epochs=cfg.trainer.max_epochs,
+            val_check_interval=0.25,
+            limit_train_batches=limit,
+        )
         datamodule = instantiate(cfg.data_module, on_device=True)
         task = instantiate(cfg.task)  # task.speed=auto: the recipe as users run it
         run.fit(task, datamodule=datamodule)

@@ -18,11 +18,10 @@ import time
 
 import pytorch_lightning as pl
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from bench.fits import bare_trainer, recipe
 from bench.machine import describe
-from cli import CONFIG_DIR, spell_for_hydra
 from reports import quiet_libraries
 from speed import Setting, cache_file, read_cache
 
@@ -35,24 +34,12 @@ FIXED = {
 
 
 def fit_seconds(backbone: str, batch_size: int, steps: int, precision: str, channels_last: bool, auto: bool) -> float:
-    overrides = ["+experiment=mnist_99", f"task.model.backbone={backbone}", f"data_module.batch_size={batch_size}"]
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[spell_for_hydra(o, CONFIG_DIR) for o in overrides])
+    cfg = recipe("+experiment=mnist_99", f"task.model.backbone={backbone}", f"data_module.batch_size={batch_size}")
     pl.seed_everything(0, verbose=False)
     task = instantiate(cfg.task, speed="auto" if auto else None)
     if channels_last:
         task.model.to(memory_format=torch.channels_last)
-    trainer = pl.Trainer(
-        accelerator="auto",
-        devices=1,
-        precision=precision,
-        max_steps=steps,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = bare_trainer(precision=precision, max_steps=steps, limit_val_batches=0)
     start = time.perf_counter()
     trainer.fit(task, datamodule=instantiate(cfg.data_module))
     return time.perf_counter() - start

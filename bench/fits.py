@@ -1,0 +1,25 @@
+"""What the training benchmarks share: a recipe composed from configs/, and a trainer that only trains."""
+
+import pytorch_lightning as pl
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from cli import CONFIG_DIR, spell_for_hydra
+
+
+def recipe(*overrides: str) -> DictConfig:
+    """The config `python train.py <overrides>` would run."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=[spell_for_hydra(o, CONFIG_DIR) for o in overrides])
+
+
+def bare_trainer(**settings) -> pl.Trainer:
+    """One device; no logger, checkpoints, progress bar or model summary to time along."""
+    return pl.Trainer(
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **settings,
+    )
