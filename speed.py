@@ -77,7 +77,7 @@ class MeasuredSpeed(pl.Callback):
         plain = Setting(trainer.precision)
         sound = [c for c in candidates if trains(losses[c], losses[plain])]
         dropped = [c for c in candidates if c not in sound]
-        choice = max(sound, key=speeds.get)
+        choice = max(sound, key=speeds.get) if sound else plain  # none learnt in 4 steps: keep the settings given
         why = (
             f"{date.today()}: {speeds[choice] / speeds[plain]:.2f}x {plain} ("
             + ", ".join(f"{c} {speeds[c]:.0f}" for c in candidates)

@@ -70,6 +70,17 @@ def test_the_fastest_setting_that_trains_correctly_wins(mnist_dir, tmp_path, mon
     assert "bf16-mixed + channels_last dropped, its losses 2.300 -> nan" in entry["why"]
 
 
+def test_when_no_setting_learns_the_settings_given_are_kept(mnist_dir, tmp_path, monkeypatch):
+    candidates = candidate_settings(PLAIN, torch.device("cpu"))
+    speeds = {c: 100.0 + i for i, c in enumerate(candidates)}
+    monkeypatch.setattr(speed, "measure", lambda *args: (speeds, {c: (2.3, 2.4) for c in candidates}))
+    task = instantiate(compose_config("task.model.backbone.pretrained=false").task)
+    trainer = tiny_fit(task, mnist_dir, callbacks=[MeasuredSpeed(cache=tmp_path / "speed.json")])
+    assert trainer.precision == PLAIN
+    (entry,) = json.loads((tmp_path / "speed.json").read_text()).values()
+    assert entry["choice"] == {"precision": PLAIN, "channels_last": False}
+
+
 def test_a_precision_given_to_the_trainer_is_kept():
     assert candidate_settings("bf16-mixed", torch.device("cpu")) == [
         Setting("bf16-mixed", False),
