@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -36,6 +37,18 @@ def mnist_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def compose_config(*overrides: str) -> DictConfig:
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=[spell_for_hydra(arg, CONFIG_DIR) for arg in overrides])
+
+
+def quiet_trainer(**settings: object) -> pl.Trainer:
+    """A CPU trainer that writes and prints nothing: no logger, checkpoints, progress bar or summary."""
+    return pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **settings,
+    )
 
 
 def run_train(*args: str, env: dict[str, str] | None = None, script: str = "train.py") -> subprocess.CompletedProcess:

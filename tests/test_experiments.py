@@ -1,7 +1,7 @@
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import compose_config
+from conftest import compose_config, quiet_trainer
 from hydra.utils import instantiate
 
 from data_modules import MNISTDataModule, random_affine
@@ -22,16 +22,7 @@ def test_one_cycle_schedule_gets_the_trainers_step_count(mnist_dir, tmp_path, mo
     cfg = compose_config("+experiment=mnist_99", "trainer=cpu", "data_module.batch_size=8")
     task = instantiate(cfg.task)
     datamodule = instantiate(cfg.data_module, data_dir=str(mnist_dir))
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=2,
-        limit_train_batches=3,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(max_epochs=2, limit_train_batches=3, limit_val_batches=0)
     trainer.fit(task, datamodule=datamodule)
     scheduler = trainer.lr_scheduler_configs[0]
     assert isinstance(scheduler.scheduler, torch.optim.lr_scheduler.OneCycleLR)

@@ -2,9 +2,8 @@ import json
 import logging
 
 import pytest
-import pytorch_lightning as pl
 import torch
-from conftest import TINY_RUN, compose_config, run_train
+from conftest import TINY_RUN, compose_config, quiet_trainer, run_train
 from hydra.utils import instantiate
 
 import speed
@@ -14,17 +13,7 @@ from speed import PLAIN, MeasuredSpeed, Setting, candidate_settings, trains
 
 def tiny_fit(task, mnist_dir, **trainer_args):
     datamodule = instantiate(compose_config("data_module.batch_size=8").data_module, data_dir=str(mnist_dir))
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        limit_train_batches=2,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **trainer_args,
-    )
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0, **trainer_args)
     trainer.fit(task, datamodule=datamodule)
     return trainer
 
