@@ -169,6 +169,7 @@ def cache_key(model: nn.Module, device: torch.device, batch_size: int, precision
 
 
 def cpu_name() -> str:
+    """The CPU's model name (also the first words of every bench/ script's machine line)."""
     try:
         with open("/proc/cpuinfo") as f:
             return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
