@@ -19,6 +19,8 @@ import torch
 from hydra.utils import instantiate
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import OmegaConf
+from pytorch_lightning.callbacks import EMAWeightAveraging
+from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
@@ -133,6 +135,20 @@ class RandomState(pl.Callback):
         np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
         version, internal, gauss_next = state_dict["python"]
         random.setstate((version, tuple(internal), gauss_next))
+
+
+class MovingAverage(EMAWeightAveraging):
+    """Lightning's exponential moving average of the weights: validation, checkpoints (and so the
+    test of the best one, `eval.py` and `predict.py`) use the averaged weights.
+
+    Lightning's callback also loads the raw weights back whenever a checkpoint is loaded while it
+    holds an average, which includes `trainer.test(ckpt_path=best)` after fitting: the test would
+    score the raw weights. Here only a resumed fit restores them.
+    """
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            super().on_load_checkpoint(trainer, pl_module, checkpoint)
 
 
 def load_task(path: str | Path) -> tuple[pl.LightningModule, dict[str, Any]]:

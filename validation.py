@@ -76,12 +76,18 @@ class AdapterSchema:
 @dataclass
 class DataModuleSchema:
     batch_size: int = ranged(64, "a whole number >= 1", lambda v: v >= 1)
-    num_workers: int = ranged(0, "a whole number >= 0", lambda v: v >= 0)
+    num_workers: int = ranged(0, "a whole number >= 0", lambda v: finite(v) and v >= 0)
     pin_memory: bool = ranged(False, "true or false")
     drop_last: bool = ranged(True, "true or false")
     augment: bool = ranged(False, "true or false")
+    elastic: float = ranged(0.0, "a number of pixels >= 0 (used with augment=true)", lambda v: finite(v) and v >= 0)
     on_device: bool | None = ranged(None, "true, false, or null (on when the run has a GPU)")
     data_dir: str = ranged("./data/mnist", "a folder path", lambda v: bool(v.strip()))
+
+
+@dataclass
+class MovingAverageSchema:
+    decay: float = ranged(0.99, "a number in (0.0, 1.0), the weight the average keeps each step", lambda v: 0 < v < 1)
 
 
 @dataclass
@@ -100,6 +106,7 @@ SCHEMAS = {
     "backbones.ResNet50": BackboneSchema,
     "adapters.LinearAdapter": AdapterSchema,
     "data_modules.MNISTDataModule": DataModuleSchema,
+    "checkpoints.MovingAverage": MovingAverageSchema,
 }
 
 

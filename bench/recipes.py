@@ -2,6 +2,7 @@
 
     python -m bench.recipes                          # mnist_99 against its earlier form, seeds 0-4
     python -m bench.recipes --seeds 0 1 --recipes mnist_99
+    python -m bench.recipes --recipes mnist_997 --seeds 0 1 2 --goal 0.997
 
 Each run is `python train.py trainer=cpu seed=S <the recipe's overrides>` into a temporary folder,
 as a user would type it; the runs alternate between recipes seed by seed, so the load of a shared
@@ -32,6 +33,8 @@ RECIPES = {
         "trainer.max_epochs=2",
         "trainer.limit_train_batches=0.75",
     ],
+    "mnist_995": ["+experiment=mnist_995"],
+    "mnist_997": ["+experiment=mnist_997"],
 }
 
 

@@ -4,7 +4,7 @@ import torch
 from conftest import compose_config, quiet_trainer
 from hydra.utils import instantiate
 
-from data_modules import MNISTDataModule, random_affine
+from data_modules import MNISTDataModule, random_warp
 
 
 @pytest.mark.parametrize("experiment", ["mnist_99", "mnist_995"])
@@ -31,11 +31,11 @@ def test_one_cycle_schedule_gets_the_trainers_step_count(mnist_dir, tmp_path, mo
     assert scheduler.scheduler.last_epoch == 6  # stepped once a batch
 
 
-def test_random_affine_moves_each_digit_and_keeps_the_border_black():
+def test_random_warp_moves_each_digit_and_keeps_the_border_black():
     torch.manual_seed(0)
     images = torch.zeros(8, 1, 28, 28)
     images[:, :, 10:18, 12:16] = 255.0
-    moved = random_affine(images)
+    moved = random_warp(images)
     assert moved.shape == images.shape
     assert not torch.equal(moved[0], moved[1])  # each image gets its own transform
     assert moved[:, :, 0, :].abs().max() == 0  # nothing bleeds in from outside
