@@ -7,7 +7,7 @@ from hydra.utils import instantiate
 from data_modules import MNISTDataModule, random_warp
 
 
-@pytest.mark.parametrize("experiment", ["mnist_99", "mnist_995"])
+@pytest.mark.parametrize("experiment", ["mnist_99", "mnist_995", "mnist_997"])
 def test_experiments_compose_onto_the_spec_config(experiment):
     cfg = compose_config(f"+experiment={experiment}", "trainer=cpu")
     assert cfg.task.optimizer._target_ == "torch.optim.AdamW"
@@ -40,6 +40,19 @@ def test_random_warp_moves_each_digit_and_keeps_the_border_black():
     assert not torch.equal(moved[0], moved[1])  # each image gets its own transform
     assert moved[:, :, 0, :].abs().max() == 0  # nothing bleeds in from outside
     assert moved.sum() == pytest.approx(images.sum(), rel=0.25)  # the digit stays in view
+
+
+def test_elastic_warp_bends_each_digit_on_top_of_the_same_affine_move():
+    images = torch.zeros(8, 1, 28, 28)
+    images[:, :, 8:20, 12:16] = 255.0
+    torch.manual_seed(0)
+    moved = random_warp(images)
+    torch.manual_seed(0)
+    bent = random_warp(images, elastic=1.0)
+    assert not torch.equal(moved, bent)
+    assert (bent - moved).abs().amax(dim=(1, 2, 3)).min() > 0  # every digit is bent
+    assert bent[:, :, 0, :].abs().max() == 0
+    assert bent.sum().item() == pytest.approx(moved.sum().item(), rel=0.15)  # bent, not torn or smeared away
 
 
 def test_augmentation_applies_to_training_batches_only(mnist_dir):

@@ -40,6 +40,9 @@ SCHEMA = {
     "+data_module.on_device=maybe": (
         "data_module.on_device=maybe: true, false, or null (on when the run has a GPU); fix: data_module.on_device=null"
     ),
+    "+data_module.elastic=-1": (
+        "data_module.elastic=-1: a number of pixels >= 0 (used with augment=true); fix: data_module.elastic=0.0"
+    ),
     # Config-group options are checked before Hydra composes anything.
     "task.model.backbone=resnet99": (
         "task.model.backbone=resnet99: one of resnet18, resnet34, resnet50; fix: task.model.backbone=resnet18"
@@ -121,6 +124,7 @@ def test_hydra_full_error_still_shows_the_traceback(override, tmp_path):
         ["trainer=cpu", "++seed=7", "task.optimizer._target_=torch.optim.SGD", "~task.optimizer.weight_decay"],
         ["trainer=ddp_cpu"],
         ["+experiment=mnist_99", "trainer=cpu"],
+        ["+experiment=mnist_997", "trainer=cpu"],
     ],
 )
 def test_good_configs_pass(overrides, mnist_dir):

@@ -257,6 +257,34 @@ def test_early_stopping_from_the_callbacks_group_stops_and_says_why(tmp_path, mn
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()  # the default callbacks still run
 
 
+def test_a_moving_average_continues_on_resume_and_is_what_the_run_tests_and_eval_scores(tmp_path, mnist_dir):
+    run_dir = tmp_path / "run"
+    first = run_train(
+        *TINY_RUN,
+        "callbacks=ema",
+        "callbacks.moving_average.decay=0.5",
+        f"data_module.data_dir={mnist_dir}",
+        f"hydra.run.dir={run_dir}",
+    )
+    assert first.returncode == 0, first.stderr
+    resumed = run_train(f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "trainer.max_epochs=2")
+    assert resumed.returncode == 0, resumed.stderr
+
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt")
+    assert last["averaging_state"]["n_averaged"] == 6  # 3 steps an epoch: the first epoch's average went on
+    averaged, raw = last["state_dict"], last["current_model_state"]
+    assert any(not torch.equal(averaged[name], raw[name]) for name in averaged)
+    best = resumed.stdout.split("test accuracy: ")[1].split("(")[1].split(";")[0]
+    evaluated = run_script(
+        "eval.py", f"ckpt_path={best}", "+trainer.limit_test_batches=2", f"hydra.run.dir={tmp_path}/e"
+    )
+    assert evaluated.returncode == 0, evaluated.stderr
+    # eval.py scores the checkpoint's averaged weights: the run's own test must have scored the same.
+    loss = float(evaluated.stdout.split("test loss: ")[1].split()[0])
+    assert loss == pytest.approx(float(resumed.stdout.split("test/loss=")[1].split()[0]), abs=1e-4)
+    assert printed_accuracy(evaluated) == printed_accuracy(resumed)
+
+
 def test_a_tensorboard_only_run_continues_with_every_epoch_once_in_its_events(tmp_path, mnist_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
