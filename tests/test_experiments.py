@@ -1,9 +1,13 @@
+from functools import partial
+
 import pytest
 import pytorch_lightning as pl
 import torch
 from conftest import compose_config, quiet_trainer
 from hydra.utils import instantiate
+from torch.optim.swa_utils import AveragedModel
 
+from checkpoints import moving_average_step
 from data_modules import MNISTDataModule, random_warp
 
 
@@ -53,6 +57,19 @@ def test_elastic_warp_bends_each_digit_on_top_of_the_same_affine_move():
     assert (bent - moved).abs().amax(dim=(1, 2, 3)).min() > 0  # every digit is bent
     assert bent[:, :, 0, :].abs().max() == 0
     assert bent.sum().item() == pytest.approx(moved.sum().item(), rel=0.15)  # bent, not torn or smeared away
+
+
+def test_the_moving_average_follows_recent_weights_from_its_first_epoch():
+    layer = torch.nn.Sequential(torch.nn.Linear(1, 1, bias=False), torch.nn.BatchNorm1d(1))
+    averaged = AveragedModel(layer, multi_avg_fn=partial(moving_average_step, decay=0.99), use_buffers=True)
+    for step in range(1, 108):  # one epoch of 55,000 digits at batch 512; the weight walks 1, 2, ..., 107
+        with torch.no_grad():
+            layer[0].weight.fill_(step)
+        layer(torch.randn(4, 1))  # counts a batch in BatchNorm's num_batches_tracked
+        averaged.update_parameters(layer)
+    # A plain EMA at 0.99 would still hold a third of the first steps' weights here (about 42).
+    assert 90 < averaged.module[0].weight.item() < 107
+    assert averaged.module[1].num_batches_tracked.item() == 107  # counters are copied, not averaged
 
 
 def test_augmentation_applies_to_training_batches_only(mnist_dir):
