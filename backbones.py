@@ -15,27 +15,33 @@ class WeightsUnavailable(OSError):
     """ImageNet weights that cannot be downloaded, or a cached file that is not plain tensors."""
 
 
+STEMS = ("imagenet", "digits", "digits14")
+
+
 class ResNetBackbone(nn.Module):
     """A torchvision ResNet with a one-channel stem and no classifier.
 
     The rest is torchvision's network, computed the same way, so ImageNet weights fit (their three
     input channels are summed into one, as timm does for grayscale). `stem="digits"` replaces the
     7x7 ImageNet stem with two 3x3 convolutions made for 28x28 strokes. Either way a digit reaches
-    the first residual block at 7x7; dropping the max-pool to keep 14x14 there made training 3x
-    slower on CPU (bench/compute.py). Wider trunks (ResNet50: 2048) are projected to 512 features
-    by a linear layer.
+    the first residual block at 7x7. `stem="digits14"` also drops the max-pool, so the residual
+    blocks see 14x14: 2.6x slower a training step on a 2-core CPU, for the finer detail that the
+    last tenths of a percent need (bench/README.md). Wider trunks (ResNet50: 2048) are projected
+    to 512 features by a linear layer.
     """
 
     out_features = FEATURES
 
     def __init__(self, arch: str, weights: WeightsEnum | None, stem: str = "imagenet") -> None:
         super().__init__()
-        if stem not in ("imagenet", "digits"):
-            raise ValueError(f"stem={stem!r}: imagenet or digits")
+        if stem not in STEMS:
+            raise ValueError(f"stem={stem!r}: one of {', '.join(STEMS)}")
         net = getattr(models, arch)(weights=None)
         if weights is not None:
             net.load_state_dict(imagenet_state_dict(weights))
         net.conv1 = imagenet_stem(net.conv1, weights is not None) if stem == "imagenet" else digits_stem()
+        if stem == "digits14":
+            net.maxpool = nn.Identity()
         for block in net.modules():
             for name, conv in list(block.named_children()):
                 if CentreTapConv2d.fits(conv):

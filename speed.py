@@ -8,6 +8,7 @@ precision given to the trainer (anything but 32-bit) is kept: only the layout is
 """
 
 import copy
+import hashlib
 import json
 import logging
 import math
@@ -164,7 +165,8 @@ def cache_key(model: nn.Module, device: torch.device, batch_size: int, precision
     else:
         chip = f"{cpu_name()}, {torch.get_num_threads()} threads"
     size = sum(p.numel() for p in model.parameters())
-    model_name = f"{type(model).__name__} of {size} parameters"
+    layers = hashlib.sha256(repr(model).encode()).hexdigest()[:12]  # two stems can share a parameter count
+    model_name = f"{type(model).__name__} of {size} parameters, layers {layers}"
     return f"{chip} | torch {torch.__version__} | {model_name} | batch {batch_size} | {precision}"
 
 

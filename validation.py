@@ -64,7 +64,7 @@ class TaskSchema:
 @dataclass
 class BackboneSchema:
     pretrained: bool = ranged(False, "true or false")
-    stem: str = ranged("imagenet", "imagenet or digits", lambda v: v in ("imagenet", "digits"))
+    stem: str = ranged("imagenet", "imagenet, digits or digits14", lambda v: v in ("imagenet", "digits", "digits14"))
 
 
 @dataclass

@@ -95,16 +95,19 @@ def test_centre_tap_convolutions_give_the_plain_convolutions_outputs_and_gradien
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4 * float(want.abs().max()) + 1e-6)
 
 
-def test_the_digits_stem_feeds_the_same_trunk_with_the_same_map_size():
+def test_the_digits_stems_feed_the_same_trunk_at_7x7_or_14x14():
     torch.manual_seed(0)
     imagenet, digits = backbones.ResNet18(), backbones.ResNet18(stem="digits")
+    digits14 = backbones.ResNet18(stem="digits14")
     images = torch.randn(2, 1, 28, 28)
-    assert digits(images).shape == imagenet(images).shape == (2, 512)
+    assert digits(images).shape == imagenet(images).shape == digits14(images).shape == (2, 512)
     maps = {}
-    for name, model in (("imagenet", imagenet), ("digits", digits)):
+    for name, model in (("imagenet", imagenet), ("digits", digits), ("digits14", digits14)):
         model.net.layer1.register_forward_hook(lambda m, i, o, name=name: maps.__setitem__(name, o.shape))
         model(images)
     assert maps["digits"] == maps["imagenet"] == (2, 64, 7, 7)
+    assert maps["digits14"] == (2, 64, 14, 14)
+    assert set(digits14.state_dict()) == set(digits.state_dict())  # the max-pool has no weights
     assert isinstance(digits.net.conv1, torch.nn.Sequential)
     trunk = {k for k in imagenet.state_dict() if not k.startswith("net.conv1")}
     assert trunk <= set(digits.state_dict())  # ImageNet weights still fit everything after the stem

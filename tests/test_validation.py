@@ -34,7 +34,7 @@ SCHEMA = {
         "fix: task.model.adapter.in_features=512"
     ),
     "+task.model.backbone.stem=round": (
-        "task.model.backbone.stem=round: imagenet or digits; fix: task.model.backbone.stem=imagenet"
+        "task.model.backbone.stem=round: imagenet, digits or digits14; fix: task.model.backbone.stem=imagenet"
     ),
     "task.speed=fast": "task.speed=fast: auto, or null for the trainer's settings as given; fix: task.speed=auto",
     "+data_module.on_device=maybe": (
