@@ -8,14 +8,11 @@ from torch import Tensor, nn
 from torchvision import models
 from torchvision.models import WeightsEnum
 
-from shapes import FEATURES
+from shapes import FEATURES, STEMS
 
 
 class WeightsUnavailable(OSError):
     """ImageNet weights that cannot be downloaded, or a cached file that is not plain tensors."""
-
-
-STEMS = ("imagenet", "digits", "digits14")
 
 
 class ResNetBackbone(nn.Module):

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cli import ConfigError, exit_on_error
-from shapes import CLASSES, FEATURES
+from shapes import CLASSES, FEATURES, STEMS
 
 
 def ranged(default: Any, allowed: str, ok: Callable[[Any], bool] = lambda v: True) -> Any:
@@ -64,7 +64,7 @@ class TaskSchema:
 @dataclass
 class BackboneSchema:
     pretrained: bool = ranged(False, "true or false")
-    stem: str = ranged("imagenet", "imagenet, digits or digits14", lambda v: v in ("imagenet", "digits", "digits14"))
+    stem: str = ranged("imagenet", f"{', '.join(STEMS[:-1])} or {STEMS[-1]}", lambda v: v in STEMS)
 
 
 @dataclass
