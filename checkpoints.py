@@ -152,7 +152,7 @@ class MovingAverage(WeightAveraging):
     the raw weights. Here only a resumed fit restores them.
     """
 
-    def __init__(self, decay: float = 0.999) -> None:
+    def __init__(self, decay: float = 0.99) -> None:
         super().__init__(multi_avg_fn=partial(moving_average_step, decay=decay))
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:

@@ -119,6 +119,8 @@ class MNISTDataModule(pl.LightningDataModule):
             rank_zero_info("pin_memory=true has no effect: it speeds up copies to a GPU, and this run has none")
         elif self.pin_memory and self.keeps_set_on_device():
             rank_zero_info("pin_memory=true has no effect: the whole set is on the GPU, so no batch is copied there")
+        if self.elastic and not self.augment:
+            rank_zero_info(f"elastic={self.elastic} has no effect: digits are bent only with augment=true")
 
     def _loader(self, dataset: "InMemoryDigits", shuffle: bool = False, drop_last: bool = False) -> DataLoader:
         order = RandomSampler(dataset) if shuffle else SequentialSampler(dataset)

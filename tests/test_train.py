@@ -115,6 +115,7 @@ def test_a_run_prints_nothing_the_user_cannot_act_on(tmp_path, mnist_dir):
         *TINY_RUN,
         "trainer.log_every_n_steps=1",
         "data_module.num_workers=8",
+        "+data_module.elastic=1.0",  # without augment=true
         "+trainer.precision=bf16-mixed",
         "task.speed=auto",
         f"data_module.data_dir={mnist_dir}",
@@ -133,6 +134,7 @@ def test_a_run_prints_nothing_the_user_cannot_act_on(tmp_path, mnist_dir):
     assert printed.count("num_workers=8 starts no processes") == 1
     assert printed.count("pin_memory=true has no effect") == 1
     assert "pin_memory=true has no effect" in log
+    assert printed.count("elastic=1.0 has no effect") == 1
 
 
 @pytest.mark.parametrize("precision", ["bf16-true", "64-true"])
