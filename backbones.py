@@ -8,7 +8,8 @@ from torch import Tensor, nn
 from torchvision import models
 from torchvision.models import WeightsEnum
 
-from shapes import FEATURES, STEMS
+FEATURES = 512  # what every backbone gives, and what adapters/linear_512_10 takes
+STEMS = ("imagenet", "digits", "digits14")
 
 
 class WeightsUnavailable(OSError):
@@ -22,9 +23,8 @@ class ResNetBackbone(nn.Module):
     input channels are summed into one, as timm does for grayscale). `stem="digits"` replaces the
     7x7 ImageNet stem with two 3x3 convolutions made for 28x28 strokes. Either way a digit reaches
     the first residual block at 7x7. `stem="digits14"` also drops the max-pool, so the residual
-    blocks see 14x14: 2.6x slower a training step on a 2-core CPU, for the finer detail that the
-    last tenths of a percent need (bench/README.md). Wider trunks (ResNet50: 2048) are projected
-    to 512 features by a linear layer.
+    blocks see 14x14: four times the work a step, for finer detail (bench/README.md). Wider trunks
+    (ResNet50: 2048) are projected to 512 features by a linear layer.
     """
 
     out_features = FEATURES
@@ -39,10 +39,6 @@ class ResNetBackbone(nn.Module):
         net.conv1 = imagenet_stem(net.conv1, weights is not None) if stem == "imagenet" else digits_stem()
         if stem == "digits14":
             net.maxpool = nn.Identity()
-        for block in net.modules():
-            for name, conv in list(block.named_children()):
-                if CentreTapConv2d.fits(conv):
-                    setattr(block, name, CentreTapConv2d.like(conv))
         width = net.fc.in_features
         net.fc = nn.Identity() if width == FEATURES else nn.Linear(width, FEATURES)
         self.net = net
@@ -70,28 +66,6 @@ def digits_stem() -> nn.Sequential:
         nn.ReLU(inplace=True),
         nn.Conv2d(32, 64, kernel_size=3, stride=2, padding=1, bias=False),
     )
-
-
-class CentreTapConv2d(nn.Conv2d):
-    """A 3x3 convolution (stride 1, padding 1) that, on a 1x1 map, multiplies only its centre tap:
-    the other eight fall on padding, so the result and the gradients are the same. A 28x28 digit
-    is 1x1 in the last stage of every ResNet here, where this made a ResNet18 training step 1.14x
-    faster on a 2-core CPU (bench/README.md). Parameters and their names are Conv2d's."""
-
-    @staticmethod
-    def fits(conv: nn.Module) -> bool:
-        return isinstance(conv, nn.Conv2d) and (conv.kernel_size, conv.stride, conv.padding) == ((3, 3), (1, 1), (1, 1))
-
-    @classmethod
-    def like(cls, conv: nn.Conv2d) -> "CentreTapConv2d":
-        twin = cls(conv.in_channels, conv.out_channels, 3, padding=1, bias=conv.bias is not None, device="meta")
-        twin.weight, twin.bias = conv.weight, conv.bias
-        return twin
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.shape[-2:] == (1, 1):
-            return nn.functional.conv2d(x, self.weight[:, :, 1:2, 1:2], self.bias)
-        return super().forward(x)
 
 
 def imagenet_state_dict(weights: WeightsEnum) -> dict[str, Tensor]:

@@ -16,7 +16,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from cli import (
+from mnist_extras.errors import (
     ConfigError,
     exit_on_error,
     interrupt_exit_code,
@@ -25,7 +25,7 @@ from cli import (
     quoted,
     resolve_checkpoint,
 )
-from cli import spell_for_hydra as spelled
+from mnist_extras.errors import spell_for_hydra as spelled
 
 log = logging.getLogger(__name__)
 # Settings of the training run that limit what it tested (a debug preset limits batches and may
@@ -36,7 +36,7 @@ LIMITS = ("trainer.limit_test_batches", "trainer.fast_dev_run", "trainer.overfit
 def eval_command_line(args: list[str]) -> list[str]:
     """`ckpt_path=last` or a path, as a file, after the overrides its run was trained with (less
     what limited its testing). A fixed point, as train.py's, for Lightning's DDP processes."""
-    from cli import CONFIG_DIR
+    from mnist_extras.errors import CONFIG_DIR
 
     args = [spelled(arg, CONFIG_DIR) for arg in args]
     value = next((override_value(arg) for arg in args if override_key(arg) == "ckpt_path"), None)
@@ -59,8 +59,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     from hydra.core.hydra_config import HydraConfig
     from hydra.utils import instantiate
 
-    from checkpoints import load_task
-    from reports import progress_bar, quiet_libraries
+    from mnist_extras.checkpoints import load_task
+    from mnist_extras.records import progress_bar, quiet_libraries
 
     quiet_libraries()
     task, _ = load_task(cfg.ckpt_path)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from cli import ConfigError, exit_on_error, resolve_checkpoint
+from mnist_extras.errors import ConfigError, exit_on_error, resolve_checkpoint
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 KEYS = ("ckpt_path", "inputs")
@@ -85,7 +85,7 @@ def predict(ckpt_path: str, files: list[Path]) -> list[tuple[Path, int, float]]:
     """(file, digit, confidence) for each image file."""
     import torch
 
-    from checkpoints import load_task
+    from mnist_extras.checkpoints import load_task
     from data_modules import normalize
 
     task, _ = load_task(ckpt_path)

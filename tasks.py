@@ -1,108 +1,97 @@
 """Tasks: LightningModules that train a model on a problem."""
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pytorch_lightning as pl
-from pytorch_lightning.trainer.states import TrainerFn
+import torch
+from hydra.utils import instantiate
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
+from torchmetrics import MaxMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from speed import MeasuredSpeed
-
-
-class Diverged(FloatingPointError):
-    """The training loss became nan or inf."""
+# What a checkpoint's config may name: the classes this project's configs use. A checkpoint is
+# data, and `_target_` can name any callable (`torch.load` with weights_only=false runs a pickle).
+PARTS = {
+    *(f"backbones.ResNet{depth}" for depth in (18, 34, 50)),
+    "adapters.LinearAdapter",
+    "heads.IdentityHead",
+    "models.SimpleModel",
+    "loss_functions.CrossEntropyLoss",
+    "torch.optim.Adam",
+    "torch.optim.AdamW",
+    "torch.optim.lr_scheduler.OneCycleLR",
+}
 
 
 class MNISTClassification(pl.LightningModule):
-    """Ten-way digit classification: logs loss and accuracy under train/, val/ and test/.
+    """Ten-way digit classification: logs loss and accuracy under train/, val/ and test/, and the
+    best validation accuracy so far as val/acc_best.
 
-    `optimizer` is Hydra's `_partial_` optimizer: everything but the parameters, which
-    `configure_optimizers` supplies. `scheduler`, also partial, is stepped every batch; a
-    schedule that needs `total_steps` (OneCycleLR) gets the trainer's count. `compile=True`
-    compiles the model with `torch.compile` (bench/compute.py shows where that pays).
-    `speed="auto"` measures which precision and memory layout train fastest here (speed.py).
+    `optimizer` and `scheduler` are Hydra `_partial_` objects: everything but the parameters (and
+    the optimizer), which `configure_optimizers` supplies; the scheduler steps every batch, and
+    OneCycleLR gets the trainer's step count. `compile=True` runs the model through torch.compile.
+    Each part may also be given as its config (a dict with `_target_`): that is how
+    `MNISTClassification.load_from_checkpoint(path)` rebuilds a task from the checkpoint's
+    hyper-parameters, which train.py sets to the task's config.
     """
 
     def __init__(
         self,
-        model: nn.Module,
-        optimizer: Callable[..., Optimizer],
-        loss_function: nn.Module,
-        scheduler: Callable[..., LRScheduler] | None = None,
+        model: nn.Module | Mapping,
+        optimizer: Callable[..., Optimizer] | Mapping,
+        loss_function: nn.Module | Mapping,
+        scheduler: Callable[..., LRScheduler] | Mapping | None = None,
         compile: bool = False,
-        speed: str | None = None,
     ) -> None:
         super().__init__()
+        self.model = build(model)
         if compile:
-            model.compile()  # in place, so checkpoints keep the plain parameter names
-        self.model = model
-        self.optimizer = optimizer
-        self.scheduler = scheduler
-        self.loss_function = loss_function
-        self.speed = speed
+            self.model.compile()  # in place, so checkpoints keep the plain parameter names
+        self.optimizer = build(optimizer)
+        self.scheduler = build(scheduler)
+        self.loss_function = build(loss_function)
+        self.example_input_array = torch.zeros(2, 1, 28, 28)  # Lightning's summary shows sizes and FLOPs
         self.train_acc = MulticlassAccuracy(num_classes=10, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=10, average="micro")
+        self.val_acc_best = MaxMetric()
+        self.val_acc_best.persistent(True)  # in checkpoints, so a resumed run keeps its best
         self.test_acc = MulticlassAccuracy(num_classes=10, average="micro")
         self.test_confusion = MulticlassConfusionMatrix(num_classes=10)
 
     def forward(self, x: Tensor) -> Tensor:
-        # Under trainer.precision=bf16-true/16-true/64-true the weights change dtype; the batch,
-        # made float32 after transfer, follows them. Mixed precision keeps float32 weights.
+        # Under trainer.precision=bf16-true/16-true/64-true the weights change dtype; the batch follows.
         return self.model(x.to(self.dtype))
-
-    def configure_callbacks(self) -> list[pl.Callback]:
-        # Only when fitting: testing keeps the fit's callback (and its choice) instead of replacing it.
-        fitting = self.trainer.state.fn == TrainerFn.FITTING
-        return [MeasuredSpeed()] if self.speed == "auto" and fitting else []
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
         logits = self(x)
         loss = self.loss_function(logits, y)
-        self.train_acc.update(logits, y)
-        # on_epoch: Lightning keeps the epoch's mean (train/loss_epoch) on the device, with no host sync.
+        self.train_acc(logits, y)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
-        if batch_idx % self.trainer.log_every_n_steps == 0:
-            self.stop_if_diverged(loss)
         return loss
 
-    def on_train_epoch_end(self) -> None:
-        mean = self.trainer.callback_metrics.get("train/loss_epoch")  # reduced over ranks: the same on each
-        if mean is not None:
-            self.stop_if_diverged(mean)
-
-    def stop_if_diverged(self, loss: Tensor) -> None:
-        """Every rank stops together: the decision is reduced over ranks, so no rank raises alone
-        while the others wait in an all-reduce. Checked every `log_every_n_steps` batches, since
-        reading the loss on the host waits for the device."""
-        diverged = not bool(loss.detach().isfinite())
-        if self.trainer.strategy.reduce_boolean_decision(diverged, all=False):
-            lr = getattr(self.optimizer, "keywords", {}).get("lr")
-            raise Diverged(
-                f"the training loss became nan or inf by step {self.global_step}"
-                + (f" with task.optimizer.lr={lr}" if lr is not None else "")
-                + ", so the learning rate is likely too high (or a batch holds bad values)"
-            )
-
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "val", self.val_acc)
+        self.evaluate(batch, "val", self.val_acc)
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:  # the sanity check's two batches are no epoch's accuracy
+            self.val_acc_best(self.val_acc.compute())
+            self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        logits = self._evaluate(batch, "test", self.test_acc)
+        logits = self.evaluate(batch, "test", self.test_acc)
         self.test_confusion.update(logits, batch[1])
 
-    def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str, accuracy: MulticlassAccuracy) -> Tensor:
+    def evaluate(self, batch: tuple[Tensor, Tensor], stage: str, accuracy: MulticlassAccuracy) -> Tensor:
         x, y = batch
         logits = self(x)
-        accuracy.update(logits, y)
-        # The loss is a plain tensor, averaged over ranks only when asked; the accuracy, a
-        # torchmetrics Metric, sums its counts over ranks itself.
+        accuracy(logits, y)
+        # The loss is averaged over ranks when asked; the accuracy, a torchmetrics Metric, sums its counts itself.
         self.log(f"{stage}/loss", self.loss_function(logits, y), prog_bar=True, sync_dist=True)
         self.log(f"{stage}/acc", accuracy, prog_bar=True)
         return logits
@@ -111,10 +100,31 @@ class MNISTClassification(pl.LightningModule):
         optimizer = self.optimizer(self.parameters())
         if self.scheduler is None:
             return optimizer
-        wanted = inspect.signature(self.scheduler).parameters
-        given = getattr(self.scheduler, "keywords", {})
         extra = {}
-        if "total_steps" in wanted and "total_steps" not in given:
-            extra["total_steps"] = self.trainer.estimated_stepping_batches
+        if "total_steps" in inspect.signature(self.scheduler).parameters:
+            extra["total_steps"] = getattr(self.scheduler, "keywords", {}).get("total_steps") or (
+                self.trainer.estimated_stepping_batches  # OneCycleLR's length, unless the config gives it
+            )
         scheduler = self.scheduler(optimizer, **extra)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def build(part: Any) -> Any:
+    """A part as given, or built from its config after checking every `_target_` in it against PARTS."""
+    if not isinstance(part, Mapping):
+        return part
+    stack = [part]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, Mapping):
+            target = node.get("_target_")
+            if target is not None and target not in PARTS:
+                raise UnknownPart(f"_target_={target}: a checkpoint may name only {', '.join(sorted(PARTS))}")
+            stack.extend(node.values())
+        elif isinstance(node, list | tuple):
+            stack.extend(node)
+    return instantiate(part)
+
+
+class UnknownPart(ValueError):
+    """A config from a checkpoint names a `_target_` that is not one of this project's parts."""

@@ -4,7 +4,7 @@ import pytorch_lightning as pl
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from cli import CONFIG_DIR, spell_for_hydra
+from mnist_extras.errors import CONFIG_DIR, spell_for_hydra
 
 
 def recipe(*overrides: str) -> DictConfig:

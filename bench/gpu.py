@@ -23,7 +23,7 @@ from hydra.utils import instantiate
 
 from bench.fits import bare_trainer, recipe
 from bench.machine import describe
-from reports import quiet_libraries
+from mnist_extras.records import quiet_libraries
 
 
 class EpochTimer(pl.Callback):

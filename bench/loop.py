@@ -24,7 +24,7 @@ from data_modules import MNISTDataModule, normalize
 from heads import IdentityHead
 from loss_functions import CrossEntropyLoss
 from models import SimpleModel
-from reports import progress_bar
+from mnist_extras.records import progress_bar
 from tasks import MNISTClassification
 
 

@@ -6,7 +6,7 @@ import os
 def describe() -> str:
     import torch
 
-    from speed import cpu_name
+    from mnist_extras.speed import cpu_name
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     return f"{cpu_name()}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"

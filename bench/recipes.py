@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from bench.machine import describe
-from cli import PROJECT_DIR
+from mnist_extras.errors import PROJECT_DIR
 
 RECIPES = {
     "mnist_99": ["+experiment=mnist_99"],

@@ -22,8 +22,8 @@ from hydra.utils import instantiate
 
 from bench.fits import bare_trainer, recipe
 from bench.machine import describe
-from reports import quiet_libraries
-from speed import Setting, cache_file, read_cache
+from mnist_extras.records import quiet_libraries
+from mnist_extras.speed import Setting, cache_file, read_cache
 
 FIXED = {
     "32-true": ("32-true", False),

@@ -21,7 +21,7 @@ from typing import Any
 
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
 
-from cli import ConfigError, exit_on_error
+from mnist_extras.errors import ConfigError, exit_on_error
 
 log = logging.getLogger(__name__)
 

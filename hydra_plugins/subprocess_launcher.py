@@ -24,8 +24,8 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict
 
-from cli import ConfigError, exit_on_error, override_key, quoted
-from sweeps import read_record
+from mnist_extras.errors import ConfigError, exit_on_error, override_key, quoted
+from mnist_extras.sweeps import read_record
 
 log = logging.getLogger(__name__)
 

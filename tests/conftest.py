@@ -8,7 +8,7 @@ import pytorch_lightning as pl
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from cli import CONFIG_DIR, PROJECT_DIR, spell_for_hydra
+from mnist_extras.errors import CONFIG_DIR, PROJECT_DIR, spell_for_hydra
 from data_modules import MNISTDataModule
 
 # Enough of every stage to run it for real, small enough for a 2-core CPU.

@@ -5,7 +5,7 @@ import pytest
 from conftest import compose_config, run_train, run_train_watching_imports
 from hydra import compose, initialize_config_dir
 
-from cli import CONFIG_DIR, command_line
+from mnist_extras.errors import CONFIG_DIR, command_line
 
 EXPECTED = (Path(__file__).parent / "expected_config.yaml").read_text()
 

@@ -5,10 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import mnist_files
-from cli import PROJECT_DIR
+from mnist_extras import mnist_files
+from mnist_extras.errors import PROJECT_DIR
 from data_modules import MNISTDataModule
-from mnist_files import RAW_FILES, damaged_files
+from mnist_extras.mnist_files import RAW_FILES, damaged_files
 
 
 def test_offline_source_builds_the_original_files_in_an_empty_folder(tmp_path, monkeypatch):

@@ -18,7 +18,7 @@ from lightning_fabric.utilities.data import _replace_dunder_methods, _set_sample
 from pytorch_lightning.trainer.states import RunningStage
 from torch.utils.data import BatchSampler, DistributedSampler
 
-from cli import CONFIG_DIR, PROJECT_DIR
+from mnist_extras.errors import CONFIG_DIR, PROJECT_DIR
 from data_modules import IndexTensorBatchSampler, InMemoryDigits, MNISTDataModule
 
 # TINY_RUN on the 2-process CPU trainer, 16 images a process.

@@ -12,7 +12,7 @@ from conftest import compose_config, run_train
 from omegaconf import OmegaConf
 from torch import nn
 
-from cli import CONFIG_DIR
+from mnist_extras.errors import CONFIG_DIR
 from data_modules import MEAN, STD, InMemoryDigits, MNISTDataModule
 
 PRESETS = ["fdr", "limit", "overfit", "profiler"]

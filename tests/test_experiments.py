@@ -7,7 +7,7 @@ from conftest import compose_config, quiet_trainer
 from hydra.utils import instantiate
 from torch.optim.swa_utils import AveragedModel
 
-from checkpoints import moving_average_step
+from mnist_extras.checkpoints import moving_average_step
 from data_modules import MNISTDataModule, random_warp
 
 

@@ -18,10 +18,10 @@ from conftest import TINY_RUN, run_train
 from torchvision.datasets import MNIST
 
 import backbones
-import mnist_files
-from cli import PROJECT_DIR
+from mnist_extras import mnist_files
+from mnist_extras.errors import PROJECT_DIR
 from data_modules import MNISTDataModule
-from mnist_files import RAW_FILES, MNISTUnavailable, damaged_files, file_fault
+from mnist_extras.mnist_files import RAW_FILES, MNISTUnavailable, damaged_files, file_fault
 
 pytestmark = pytest.mark.faults
 

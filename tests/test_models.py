@@ -8,7 +8,7 @@ from hydra.utils import instantiate
 
 import backbones
 from adapters import LinearAdapter
-from cli import user_error
+from mnist_extras.errors import user_error
 from heads import IdentityHead
 from models import AdapterMismatch, SimpleModel
 

@@ -11,8 +11,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from PIL import Image
 
 import checkpoints
-from checkpoints import AtomicCheckpointIO
-from cli import (
+from mnist_extras.checkpoints import AtomicCheckpointIO
+from mnist_extras.errors import (
     CONFIG_DIR,
     ConfigError,
     command_line,
@@ -23,8 +23,8 @@ from cli import (
     user_error,
 )
 from predict import to_mnist
-from reports import ContinuedCSVLogger
-from sweeps import summary_rows, write_record, write_summary
+from mnist_extras.records import ContinuedCSVLogger
+from mnist_extras.sweeps import summary_rows, write_record, write_summary
 
 
 @pytest.mark.parametrize(
@@ -226,7 +226,7 @@ def test_the_progress_bar_counts_epochs_as_the_epoch_lines_do_and_hides_the_sani
     import pytorch_lightning as pl
     from pytorch_lightning.demos.boring_classes import BoringModel
 
-    from reports import EpochBar
+    from mnist_extras.records import EpochBar
 
     class LogsAccuracy(BoringModel):
         def validation_step(self, batch, batch_idx):

@@ -6,9 +6,9 @@ import torch
 from conftest import TINY_RUN, compose_config, quiet_trainer, run_train
 from hydra.utils import instantiate
 
-import speed
-from cli import command_line
-from speed import PLAIN, MeasuredSpeed, Setting, candidate_settings, trains
+from mnist_extras import speed
+from mnist_extras.errors import command_line
+from mnist_extras.speed import PLAIN, MeasuredSpeed, Setting, candidate_settings, trains
 
 
 def tiny_fit(task, mnist_dir, **trainer_args):

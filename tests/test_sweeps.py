@@ -12,8 +12,8 @@ from hydra.core.utils import JobReturn, JobStatus
 from matplotlib.axes import Axes
 from omegaconf import OmegaConf
 
-import sweeps
-from sweeps import SUMMARY_COLUMNS, SweepReport, main, print_summary, summary_rows, write_record, write_summary
+from mnist_extras import sweeps
+from mnist_extras.sweeps import SUMMARY_COLUMNS, SweepReport, main, print_summary, summary_rows, write_record, write_summary
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 COMMON = ["trainer=cpu", "+trainer.limit_train_batches=3"]

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 from conftest import OFFLINE, TINY_RUN, compose_config, run_train
 
-from cli import ConfigError
-from validation import check_targets
+from mnist_extras.errors import ConfigError
+from mnist_extras.checks import check_targets
 
 
 def test_a_tracking_logger_without_its_package_stops_with_the_install_command(monkeypatch):

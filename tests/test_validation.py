@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 from conftest import TINY_RUN, compose_config, run_train, run_train_watching_imports
 
-from cli import ConfigError
-from validation import build_trainer, check_data_dir, check_processes, check_run, check_writable
+from mnist_extras.errors import ConfigError
+from mnist_extras.checks import build_trainer, check_data_dir, check_processes, check_run, check_writable
 
 # One bad override each, and the one line it must produce. The first group fails the typed schemas
 # (no torch imported); the second needs the libraries (imports, Lightning's own checks).

@@ -16,7 +16,7 @@ from conftest import TINY_RUN, run_train
 from PIL import Image
 from torchvision.datasets.mnist import read_image_file
 
-from cli import PROJECT_DIR
+from mnist_extras.errors import PROJECT_DIR
 
 pytestmark = pytest.mark.slow
 TESTS_ON_PATH = {"PYTHONPATH": str(Path(__file__).parent)}  # for diverging_loss
@@ -84,7 +84,7 @@ def test_eval_tests_the_whole_set_unless_told_and_agrees_with_the_run(tmp_path, 
 
 
 def test_predict_gives_what_the_model_says_of_the_original_digit_either_way_round(tmp_path, mnist_dir, learned):
-    from checkpoints import load_task
+    from mnist_extras.checkpoints import load_task
     from data_modules import normalize
 
     digits = read_image_file(str(mnist_dir / "MNIST" / "raw" / "t10k-images-idx3-ubyte"))[:8]

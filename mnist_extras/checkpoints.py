@@ -25,7 +25,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
-from cli import ConfigError
+from mnist_extras.errors import ConfigError
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -136,40 +136,6 @@ class RandomState(pl.Callback):
         np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
         version, internal, gauss_next = state_dict["python"]
         random.setstate((version, tuple(internal), gauss_next))
-
-
-class MovingAverage(WeightAveraging):
-    """An exponential moving average of the weights (and BatchNorm statistics), updated after every
-    step: validation, checkpoints (and so the test of the best one, `eval.py` and `predict.py`) use
-    the averaged weights, and a resumed run continues both.
-
-    Early steps keep less of the past (`decay` rises as (1 + n) / (10 + n) towards its value, as in
-    timm's ModelEmaV3), so the first epochs validate an average of recent weights rather than one
-    still a third made of the random initial ones (0.99 ** 107 after one epoch at batch 512).
-
-    Lightning's callback loads the raw weights back whenever a checkpoint is loaded while it holds
-    an average, which includes `trainer.test(ckpt_path=best)` after fitting: the test would score
-    the raw weights. Here only a resumed fit restores them.
-    """
-
-    def __init__(self, decay: float = 0.99) -> None:
-        super().__init__(multi_avg_fn=partial(moving_average_step, decay=decay))
-
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        if trainer.state.fn == TrainerFn.FITTING:
-            super().on_load_checkpoint(trainer, pl_module, checkpoint)
-
-
-@torch.no_grad()
-def moving_average_step(
-    averaged: list[torch.Tensor], current: list[torch.Tensor], n_averaged: torch.Tensor, decay: float
-) -> None:
-    """One update of same-dtype tensors, in the form `AveragedModel` takes as `multi_avg_fn`."""
-    steps = int(n_averaged)
-    if averaged[0].is_floating_point():
-        torch._foreach_lerp_(averaged, current, 1 - min(decay, (1 + steps) / (10 + steps)))
-    else:  # BatchNorm's batch counters
-        torch._foreach_copy_(averaged, current)
 
 
 def load_task(path: str | Path) -> tuple[pl.LightningModule, dict[str, Any]]:

@@ -25,7 +25,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from cli import ConfigError, exit_on_error
+from mnist_extras.errors import ConfigError, exit_on_error
 from shapes import CLASSES, FEATURES, STEMS
 
 
@@ -338,7 +338,7 @@ def check_writable(key: str, folder: Path, fix: str) -> None:
 
 
 def check_data_dir(cfg: DictConfig) -> None:
-    from mnist_files import RAW_FILES, data_dir_path
+    from mnist_extras.mnist_files import RAW_FILES, data_dir_path
 
     data_dir = cfg.get("data_module", {}).get("data_dir")
     if data_dir is None:
