@@ -8,8 +8,10 @@ import pytorch_lightning as pl
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from mnist_extras.errors import CONFIG_DIR, PROJECT_DIR, spell_for_hydra
-from data_modules import MNISTDataModule
+from mnist_extras.mnist_files import prepare_mnist
+from train import CONFIG_DIR, as_group_choice
+
+PROJECT_DIR = CONFIG_DIR.parent
 
 # Enough of every stage to run it for real, small enough for a 2-core CPU.
 TINY_RUN = [
@@ -30,13 +32,13 @@ OFFLINE = {name: "http://127.0.0.1:9" for name in ("HTTP_PROXY", "HTTPS_PROXY", 
 def mnist_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Real MNIST, prepared once for the whole session."""
     data_dir = tmp_path_factory.mktemp("mnist")
-    MNISTDataModule(data_dir=str(data_dir)).prepare_data()
+    prepare_mnist(data_dir / "MNIST" / "raw")
     return data_dir
 
 
 def compose_config(*overrides: str) -> DictConfig:
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=[spell_for_hydra(arg, CONFIG_DIR) for arg in overrides])
+        return compose(config_name="config", overrides=[as_group_choice(arg) for arg in overrides])
 
 
 def quiet_trainer(**settings: object) -> pl.Trainer:
@@ -88,7 +90,7 @@ LEARNING_RUN = [
     "+trainer.limit_test_batches=10",
     "+trainer.enable_model_summary=false",
     "data_module.num_workers=0",
-    "seed=0",
+    "+seed=0",
 ]
 
 
