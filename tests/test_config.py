@@ -5,7 +5,7 @@ import pytest
 from conftest import compose_config, run_train, run_train_watching_imports
 from hydra import compose, initialize_config_dir
 
-from mnist_extras.errors import CONFIG_DIR, command_line
+from train import CONFIG_DIR, as_group_choice
 
 EXPECTED = (Path(__file__).parent / "expected_config.yaml").read_text()
 
@@ -36,12 +36,14 @@ def test_printing_the_config_imports_neither_torch_nor_lightning():
         ("data_module.batch_size=128", "data_module.batch_size=128"),
         ("trainer=cpu", "trainer=cpu"),
         ("hydra.run.dir=out", "hydra.run.dir=out"),
+        ("task.optimizer={_target_: torch.optim.SGD, _partial_: true, lr: 0.1}", None),
         ("-m", "-m"),
     ],
 )
-def test_command_line_rewrites_only_config_groups(given, expected):
-    assert command_line([given]) == [expected]
-    assert command_line([expected]) == [expected]  # a fixed point: DDP's processes re-run it
+def test_command_line_rewrites_only_config_group_choices(given, expected):
+    expected = given if expected is None else expected  # a dict replaces the node: no group choice
+    assert as_group_choice(given) == expected
+    assert as_group_choice(expected) == expected  # a fixed point: DDP's processes re-run the command line
 
 
 @pytest.mark.parametrize("override", ["task.model.backbone=resnet50", "task/model/backbone=resnet50"])
