@@ -61,4 +61,4 @@ def test_the_core_runs_the_spec_sweep(core_copy, mnist_dir):
     assert (result.stdout + result.stderr).count("test accuracy: ") == 3
     for num in range(3):  # Hydra's own launcher: each job knows its number
         job = OmegaConf.load(core_copy / "sweep" / str(num) / ".hydra" / "hydra.yaml").hydra.job
-        assert (job.num, job.id) == (num, f"{job.id.split('_')[0]}_{num}")
+        assert (job.num, str(job.id)) == (num, str(num))
