@@ -1,80 +1,83 @@
-"""Test a checkpoint written by train.py on MNIST's test set; print its accuracy and loss.
+"""Test a checkpoint written by train.py on MNIST's test set; print its accuracy.
 
-    python eval.py ckpt_path=outputs/DATE/TIME/checkpoints/last.ckpt
-    python eval.py ckpt_path=last                             # the newest last.ckpt of any run
-    python eval.py ckpt_path=PATH trainer=cpu data_module.batch_size=256
+    python eval.py ckpt_path=outputs/DATE/TIME/checkpoints/last.ckpt trainer=cpu
+    python eval.py ckpt_path=last trainer=cpu               # the newest last.ckpt under outputs/ or multirun/
+    python eval.py ckpt_path=PATH data_module.batch_size=256 +trainer.limit_test_batches=10
 
-The model is rebuilt from the config stored in the checkpoint, so the checkpoint and the data are
-all it needs. The data module and trainer come from configs/ with the checkpoint's recorded
-overrides first (a run trained with trainer=cpu is tested on the CPU); overrides given here win.
+A small Hydra app on configs/: the data module and the trainer are composed from this command line
+alone (the config's defaults: trainer=gpu unless you say trainer=cpu), the task comes from the
+checkpoint (mnist_extras/loading.py: Lightning's `load_from_checkpoint`, every `_target_` checked
+against the project's parts, no object unpickled). The run's recorded overrides are not replayed.
+
+`ckpt_path` is not in config.yaml, so plain Hydra spells it `+ckpt_path=PATH`; that works, and so
+does `ckpt_path=PATH`, the spelling train.py prints: before Hydra starts, `command_line` reads the
+checkpoint (a file that is not one of this project's ends here, in one line, exit code 2) and
+passes it on as `++ckpt_path='<absolute path>'`. The result is a fixed point, so the processes
+Lightning's DDP launcher starts with the same command line arrive at the same config.
 """
 
 import logging
-import os
+import re
 import sys
 
 import hydra
 from omegaconf import DictConfig
 
-from mnist_extras.errors import (
-    ConfigError,
-    exit_on_error,
-    interrupt_exit_code,
-    override_key,
-    override_value,
-    quoted,
-    resolve_checkpoint,
-)
-from mnist_extras.errors import spell_for_hydra as spelled
+from mnist_extras.errors import ConfigError
 
 log = logging.getLogger(__name__)
-# Settings of the training run that limit what it tested (a debug preset limits batches and may
-# profile); an evaluation tests the whole set unless its own command line limits it.
-LIMITS = ("trainer.limit_test_batches", "trainer.fast_dev_run", "trainer.overfit_batches", "debug", "hparams_search")
+USAGE = "python eval.py ckpt_path=PATH trainer=cpu (or ckpt_path=last)"
 
 
-def eval_command_line(args: list[str]) -> list[str]:
-    """`ckpt_path=last` or a path, as a file, after the overrides its run was trained with (less
-    what limited its testing). A fixed point, as train.py's, for Lightning's DDP processes."""
-    from mnist_extras.errors import CONFIG_DIR
+def command_line(args: list[str]) -> list[str]:
+    """`ckpt_path=PATH|last` (or `+`/`++ckpt_path=`) as `++ckpt_path='<file>'`, once the file is
+    known to be a checkpoint of this project; ConfigError for anything else."""
+    from mnist_extras.loading import read_checkpoint, resolve
 
-    args = [spelled(arg, CONFIG_DIR) for arg in args]
-    value = next((override_value(arg) for arg in args if override_key(arg) == "ckpt_path"), None)
-    if value is None:
-        return args
-    path = resolve_checkpoint(str(value))
-    import torch
+    given = [arg for arg in args if arg.partition("=")[0].lstrip("+") == "ckpt_path"]
+    if not given:
+        if any(arg.startswith("-") for arg in args):  # --help, --cfg job, --info: Hydra's, no checkpoint needed
+            return args
+        raise ConfigError(f"ckpt_path is not set; fix: {USAGE}")
+    path = resolve(hydra_value(given[-1].partition("=")[2]))
+    read_checkpoint(path)
+    return [arg for arg in args if arg not in given] + [f"++ckpt_path={quoted(str(path))}"]
 
-    recorded = torch.load(path, map_location="cpu", mmap=True, weights_only=True).get("overrides", [])
-    given = [f"++ckpt_path={quoted(path)}" if override_key(arg) == "ckpt_path" else arg for arg in args]
-    replaced = {override_key(arg) for arg in given} | set(LIMITS) | {"seed"}
-    return [arg for arg in recorded if override_key(arg) not in replaced] + given
+
+def hydra_value(text: str) -> str:
+    """A value as typed: a path as it is, a Hydra-quoted one (as command_line writes it) unquoted."""
+    if text[:1] not in ("'", '"'):
+        return text  # unquoted: any character a path may hold, which Hydra's grammar would not all take
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    try:
+        return OverridesParser.create().parse_override(f"ckpt_path={text}").value()
+    except OverrideParseException:
+        raise ConfigError(f"ckpt_path={text}: an unfinished quote; fix: {USAGE}") from None
+
+
+def quoted(text: str) -> str:
+    """Single-quoted for Hydra, which unescapes a backslash only before a quote or at the end."""
+    text = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", text)
+    return "'" + re.sub(r"(\\+)$", lambda m: m.group(1) * 2, text) + "'"
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
-    """Test the checkpoint at `cfg.ckpt_path` and return Lightning's test metrics."""
-    if cfg.get("ckpt_path") is None:
-        raise ConfigError("ckpt_path is not set; fix: python eval.py ckpt_path=PATH (or ckpt_path=last)")
-
+    """Test the checkpoint at `cfg.ckpt_path` with the data module and trainer `cfg` names."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.utils import instantiate
 
-    from mnist_extras.checkpoints import load_task
-    from mnist_extras.records import progress_bar, quiet_libraries
+    from mnist_extras.loading import load_task
 
-    quiet_libraries()
-    task, _ = load_task(cfg.ckpt_path)
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # once, not once per process
-        log.info("Loaded task <%s> from %s", cfg.task._target_, cfg.ckpt_path)
+    if cfg.get("ckpt_path") is None:
+        raise ConfigError(f"ckpt_path is not set; fix: {USAGE}")
+    task = load_task(cfg.ckpt_path)
     datamodule = instantiate(cfg.data_module)
     trainer = instantiate(
-        cfg.trainer,
-        default_root_dir=HydraConfig.get().runtime.output_dir,
-        logger=False,
-        enable_checkpointing=False,
-        callbacks=[progress_bar()],
+        cfg.trainer, default_root_dir=HydraConfig.get().runtime.output_dir, logger=False, enable_checkpointing=False
     )
-    metrics = trainer.test(task, datamodule=datamodule)[0]
+    metrics = trainer.test(task, datamodule=datamodule, verbose=False)[0]  # verbose: the line below says it once
     images = int(task.test_confusion.compute().sum())  # summed over every process
     if trainer.is_global_zero:
         log.info(
@@ -86,19 +89,13 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")
 def main(cfg: DictConfig) -> float:
-    try:
-        return evaluate(cfg)["test/acc"]
-    except SystemExit as stop:
-        raise SystemExit(interrupt_exit_code(stop)) from stop
-    except Exception as err:
-        exit_on_error(err)
-        raise
+    return evaluate(cfg)["test/acc"]
 
 
 if __name__ == "__main__":
     try:
-        sys.argv[1:] = eval_command_line(sys.argv[1:])
-    except Exception as err:
-        exit_on_error(err)
-        raise
+        sys.argv[1:] = command_line(sys.argv[1:])
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     main()
