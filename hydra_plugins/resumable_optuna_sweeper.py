@@ -1,7 +1,7 @@
 """Hydra's Optuna sweeper, continuing the study that its storage already holds.
 
-configs/hparams_search/mnist_optuna.yaml keeps the study in `optuna.db` in the sweep folder, so the
-same search command run again into the same `hydra.sweep.dir` continues it:
+configs/hparams_search/mnist_optuna_resumable.yaml keeps the study in `optuna.db` in the sweep folder,
+so the same search command run again into the same `hydra.sweep.dir` continues it:
 
 - completed trials count toward `n_trials`: only `n_trials` minus those run;
 - new trials take the job folders after the ones already there;
@@ -11,6 +11,12 @@ same search command run again into the same `hydra.sweep.dir` continues it:
 
 Optuna is imported only when a search starts: Hydra imports every module here at start-up, even
 for `--cfg job`.
+
+The plugin has no public API for continuing a study (facebookresearch/hydra#1407, "Resuming sweep",
+closed without one): this module reads and sets the attributes of its OptunaSweeperImpl
+(`OptunaSweeper.sweeper`: `n_trials`, `job_idx`, `sampler`, `storage`) and calls the two methods
+and the function of its `_impl` module that turn `hydra.sweeper.params` into distributions, the
+same calls its own `sweep` makes. Optuna's side uses only Optuna's public API.
 """
 
 import contextlib
@@ -47,6 +53,7 @@ class ResumableOptunaSweeper(OptunaSweeper):
 def search_space(impl: Any, arguments: list[str]) -> dict[str, Any]:
     """The distributions the plugin will search: hydra.sweeper.params and sweep overrides on the
     command line, less the keys the command line fixes (as the plugin's own sweep does)."""
+    # Private to the plugin, with no public equivalent (facebookresearch/hydra#1407): see the module doc.
     from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
 
     impl._process_searchspace_config()
@@ -69,7 +76,7 @@ def continue_study(study: Any, impl: Any, space: dict[str, Any]) -> None:
         exit_on_error(err)
         raise err
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study._storage.set_trial_state(trial._trial_id, TrialState.FAIL)
+        study.tell(trial.number, state=TrialState.FAIL)
         log.info("trial %d was left running by an interrupted search: marked failed", trial.number)
     completed = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     wanted, impl.n_trials = impl.n_trials, max(impl.n_trials - completed, 0)

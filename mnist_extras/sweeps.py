@@ -1,19 +1,20 @@
-"""Run records and sweep summaries, light enough for Hydra to load before any job.
+"""Sweep summaries, light enough for Hydra to load before any job.
 
-Each run writes `run.json` (its overrides, seed, size, metrics and status) in its folder; a
+Each run writes `run.json` (records.py: its overrides, seed, metrics and status) in its folder; a
 sweep's `summary.md`, `summary.csv`, `summary_by_config.csv` and `comparison.png` are built from
 its jobs' `run.json`. Hydra builds `SweepReport` (config.yaml's `hydra.callbacks`) before it
 validates or runs anything, so this module imports neither torch nor Lightning: a typo must fail
 in a second.
 
-`python -m sweeps PATH [PATH ...]` builds the same tables for any runs: single run folders, sweep
+`python -m mnist_extras.sweeps PATH [PATH ...]` builds the same tables for any runs: single run folders, sweep
 folders, or folders above them.
 """
 
 import argparse
 import atexit
+import contextlib
 import csv
-import json
+import io
 import logging
 import os
 import statistics
@@ -31,7 +32,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-RECORD = "run.json"
+from mnist_extras.records import RECORD, read_record, write_record
 # "overrides" holds only the overrides that differ between the jobs; the others are in
 # "common overrides", printed once above each table.
 SUMMARY_COLUMNS = [
@@ -57,23 +58,6 @@ CONFIG_COLUMNS = [
 ]
 ACCURACIES = ("best val acc", "test acc")
 STYLES = {"completed": "green", "failed": "red", "interrupted": "yellow"}
-
-
-def read_record(run_dir: Path) -> dict[str, Any] | None:
-    path = Path(run_dir) / RECORD
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def write_record(run_dir: Path, record: dict[str, Any]) -> None:
-    """Replace `run.json` in one step, so a reader never sees half a record."""
-    path = Path(run_dir) / RECORD
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{RECORD}.{os.getpid()}")
-    try:
-        partial.write_text(json.dumps(record, indent=2) + "\n")
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 def summary_rows(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -112,7 +96,7 @@ def rows_for(runs: list[tuple[int | str, dict[str, Any]]]) -> list[dict[str, Any
 
 
 def _is_seed(override: str) -> bool:
-    # train.py records `seed=3` as `++seed=3`.
+    # `+seed=3`, `++seed=3` and `seed=3` are one key.
     return override.split("=", 1)[0].lstrip("+~") == "seed"
 
 
@@ -229,8 +213,11 @@ def save_comparison(rows: list[dict[str, Any]], path: Path) -> None:
         bars = ax.bar(x, _zeros(heights), width, yerr=yerr, capsize=3, label=column)
         ax.bar_label(bars, labels=[f"{h:.3f}" if h != "" else "" for h in heights], fontsize=6, padding=2)
     ax.set_xticks(range(len(labels)), labels, fontsize=7)
-    ax.set_ylim(0, 1.15)  # room above the bars for the legend
-    ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    # Scaled to the data: runs at 98% and 99.5% must look different. Room above the bars for the legend.
+    values = [h for _, heights, _ in series for h in heights if h != ""]
+    low, high = (min(values), max(values)) if values else (0.0, 1.0)
+    pad = max(high - low, 0.01)
+    ax.set_ylim(max(0.0, low - pad), high + pad)
     ax.set_ylabel("accuracy")
     common = rows[0]["common overrides"] if rows else ""
     if common:
@@ -316,11 +303,7 @@ class SweepReport(HydraCallback):
         # The job's own RunRecord says how it ended; this records only a job that could not say it
         # (stopped before its run began, or killed while running).
         if job_return.status == JobStatus.FAILED and record.get("status") in (None, "running"):
-            error = job_return._return_value
-            first_line = str(error).strip().splitlines()[0] if str(error) else ""
-            if type(error).__name__ != "JobFailed":  # that one's message is the job's own error line
-                first_line = f"{type(error).__name__}: {first_line}"
-            record.update(overrides=list(config.hydra.overrides.task), status="failed", error=first_line)
+            record.update(overrides=list(config.hydra.overrides.task), status="failed", error=failure_line(job_return))
             record.setdefault("wall_time_s", time.perf_counter() - self.started)
             self._write(lambda: write_record(run_dir, record))
         self._write(lambda: write_summary(self.sweep_dir))
@@ -338,6 +321,20 @@ class SweepReport(HydraCallback):
             logging.getLogger(__name__).warning("could not write the sweep summary: %s", err)
 
 
+def failure_line(job_return: JobReturn) -> str:
+    """`Type: first line` of a failed job's exception (Hydra's public getter raises it)."""
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # the getter also prints the job's overrides
+            job_return.return_value
+    except BaseException as error:  # noqa: BLE001 - whatever the job raised is what it failed with
+        text = str(error).strip()
+        first_line = text.splitlines()[0] if text else ""
+        if type(error).__name__ == "JobFailed":  # its message is the job's own error line
+            return first_line
+        return f"{type(error).__name__}: {first_line}"
+    return "the job failed"
+
+
 def find_runs(paths: list[Path]) -> list[Path]:
     """The folders holding a run.json at or below each path, in path order, job folders by number."""
     runs: dict[Path, None] = {}  # a set that keeps its order
@@ -351,7 +348,7 @@ def find_runs(paths: list[Path]) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m sweeps",
+        prog="python -m mnist_extras.sweeps",
         description="Compare runs: summary tables and a plot of every run.json at or below the given folders.",
     )
     parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="a run folder, a sweep folder or above")

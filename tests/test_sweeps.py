@@ -1,4 +1,4 @@
-"""Sweep summaries and `python -m sweeps`, from hand-written run.json files: no training."""
+"""Sweep summaries and `python -m mnist_extras.sweeps`, from hand-written run.json files: no training."""
 
 import csv
 import os
@@ -13,7 +13,8 @@ from matplotlib.axes import Axes
 from omegaconf import OmegaConf
 
 from mnist_extras import sweeps
-from mnist_extras.sweeps import SUMMARY_COLUMNS, SweepReport, main, print_summary, summary_rows, write_record, write_summary
+from mnist_extras.records import write_record
+from mnist_extras.sweeps import SUMMARY_COLUMNS, SweepReport, main, print_summary, summary_rows, write_summary
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 COMMON = ["trainer=cpu", "+trainer.limit_train_batches=3"]
@@ -76,7 +77,9 @@ def test_the_sweep_callback_records_a_failed_job_and_prints_its_error_literally(
     report.on_job_start(config)
 
     failure = FileNotFoundError("[/tmp/x] is [bold]missing")
-    report.on_job_end(config, JobReturn(status=JobStatus.FAILED, _return_value=failure))
+    ret = JobReturn()
+    ret.status, ret.return_value = JobStatus.FAILED, failure
+    report.on_job_end(config, ret)
     report._report()
 
     assert "FileNotFoundError: [/tmp/x] is [bold]missing" in capsys.readouterr().out
@@ -277,7 +280,7 @@ def test_compare_without_any_run_json_exits_2_with_one_line(tmp_path):
     (tmp_path / "empty" / "0").mkdir(parents=True)
 
     result = subprocess.run(
-        [sys.executable, "-m", "sweeps", "empty", "missing"],
+        [sys.executable, "-m", "mnist_extras.sweeps", "empty", "missing"],
         cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": str(PROJECT_DIR)},
         capture_output=True,
@@ -288,3 +291,19 @@ def test_compare_without_any_run_json_exits_2_with_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.splitlines() == ["error: no run.json in or below empty missing"]
     assert not (tmp_path / "comparison").exists()
+
+
+def test_the_plot_is_scaled_to_the_accuracies_so_close_runs_look_different(tmp_path, monkeypatch):
+    limits = []
+    set_ylim = Axes.set_ylim
+
+    def spy(self, *args, **kwargs):
+        if len(args) == 2 and not kwargs:  # the summary's own call; matplotlib calls it too
+            limits.append(args)
+        return set_ylim(self, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "set_ylim", spy)
+    write_summary(make_sweep(tmp_path, [record("lr=1", val=0.985, test=0.98), record("lr=2", val=0.995, test=0.99)]))
+
+    ((low, high),) = limits
+    assert 0.9 < low < 0.98 and 0.995 < high < 1.05
