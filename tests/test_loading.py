@@ -75,14 +75,16 @@ def hostile_checkpoint(folder: Path) -> tuple[Path, Path]:
         "loss_function": {"_target_": "loss_functions.CrossEntropyLoss"},
     }
     path = folder / "evil.ckpt"
-    torch.save({"state_dict": {}, "pytorch-lightning_version": "2.6.6", "hyper_parameters": task_cfg}, path)
+    # `config` is where train.py kept the task's config before hyper_parameters, and eval.py built it from.
+    checkpoint = {"state_dict": {}, "hyper_parameters": task_cfg, "config": {"task": task_cfg}}
+    torch.save({**checkpoint, "pytorch-lightning_version": "2.6.6"}, path)
     return path, marker
 
 
 def test_the_hostile_checkpoint_runs_code_when_its_config_is_instantiated(tmp_path):
     # What eval.py and predict.py did before: instantiate the config a checkpoint stores.
     path, marker = hostile_checkpoint(tmp_path)
-    instantiate(torch.load(path, weights_only=True)["hyper_parameters"]["model"]["backbone"])
+    instantiate(torch.load(path, weights_only=True)["config"]["task"]["model"]["backbone"])
     assert marker.is_dir()
 
 
