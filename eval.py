@@ -49,11 +49,11 @@ def hydra_value(text: str) -> str:
     if text[:1] not in ("'", '"'):
         return text  # unquoted: any character a path may hold, which Hydra's grammar would not all take
     from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import OverrideParseException
+    from hydra.errors import HydraException
 
     try:
         return OverridesParser.create().parse_override(f"ckpt_path={text}").value()
-    except OverrideParseException:
+    except HydraException:  # the grammar's lexer and parser errors alike
         raise ConfigError(f"ckpt_path={text}: an unfinished quote; fix: {USAGE}") from None
 
 

@@ -237,10 +237,14 @@ def test_eval_needs_a_checkpoint(monkeypatch, capsys):
 
 
 @pytest.mark.slow
-def test_evals_command_line_is_a_fixed_point_for_ddp_processes(trained):
+def test_evals_command_line_is_a_fixed_point_for_ddp_processes(trained, tmp_path):
     import importlib
 
     eval_script = importlib.import_module("eval")
-    once = eval_script.command_line([f"ckpt_path={trained}", "trainer=cpu"])
-    assert once == ["trainer=cpu", f"++ckpt_path='{trained}'"]
+    folder = tmp_path / "Läufe 'neu'\\"  # what Hydra's grammar takes only quoted and escaped
+    folder.mkdir()
+    os.link(trained, folder / "last.ckpt")
+    once = eval_script.command_line([f"ckpt_path={folder / 'last.ckpt'}", "trainer=cpu"])
+    assert once[0] == "trainer=cpu"
     assert eval_script.command_line(once) == once
+    assert eval_script.hydra_value(once[1].partition("=")[2]) == str(folder / "last.ckpt")
