@@ -80,11 +80,11 @@ class MNISTDataModule(pl.LightningDataModule):
 
     def loader(self, dataset: TensorDataset, shuffle: bool = False, drop_last: bool = False) -> DataLoader:
         if isinstance(dataset, DeviceTensors):
-            return DataLoader(dataset, self.batch_size, shuffle, drop_last=drop_last, collate_fn=DeviceTensors.collate)
+            return DataLoader(dataset, self.batch_size, shuffle=shuffle, drop_last=drop_last, collate_fn=DeviceTensors.collate)
         return DataLoader(
             dataset,
             self.batch_size,
-            shuffle,
+            shuffle=shuffle,
             drop_last=drop_last,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
