@@ -1,4 +1,4 @@
-"""MNIST as a LightningDataModule, kept in memory as uint8 and normalised a batch at a time."""
+"""MNIST as a LightningDataModule, settings in memory as uint8 and normalised a batch at a time."""
 
 from pathlib import Path
 
@@ -80,16 +80,11 @@ class MNISTDataModule(pl.LightningDataModule):
 
     def loader(self, dataset: TensorDataset, shuffle: bool = False, drop_last: bool = False) -> DataLoader:
         if isinstance(dataset, DeviceTensors):
-            return DataLoader(dataset, self.batch_size, shuffle=shuffle, drop_last=drop_last, collate_fn=DeviceTensors.collate)
-        return DataLoader(
-            dataset,
-            self.batch_size,
-            shuffle=shuffle,
-            drop_last=drop_last,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
-        )
+            settings = {"collate_fn": DeviceTensors.collate}
+        else:
+            settings = {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0}
+            settings["pin_memory"] = self.pin_memory and torch.cuda.is_available()
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, drop_last=drop_last, **settings)
 
     def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
         if isinstance(batch, Tensor):  # the task's example_input_array, on its way to Lightning's model summary
