@@ -1,4 +1,4 @@
-"""MNIST as a LightningDataModule, settings in memory as uint8 and normalised a batch at a time."""
+"""MNIST as a LightningDataModule, kept in memory as uint8 and normalised a batch at a time."""
 
 from pathlib import Path
 
