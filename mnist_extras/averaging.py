@@ -36,9 +36,9 @@ def moving_average_step(
 ) -> None:
     """One update of same-dtype tensors, in the form `AveragedModel` takes as `multi_avg_fn`."""
     steps = int(n_averaged)
-    if averaged[0].is_floating_point():
-        torch._foreach_lerp_(averaged, current, 1 - min(decay, (1 + steps) / (10 + steps)))
-    else:  # BatchNorm's batch counters
-        torch._foreach_copy_(averaged, current)
-
-
+    weight = 1 - min(decay, (1 + steps) / (10 + steps))
+    for average, tensor in zip(averaged, current, strict=True):
+        if average.is_floating_point():
+            average.lerp_(tensor, weight)
+        else:  # BatchNorm's batch counters
+            average.copy_(tensor)

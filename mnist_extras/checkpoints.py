@@ -1,31 +1,23 @@
-"""Checkpoints that survive a crash, carry their run's config and random state, and rebuild their task.
-
-A checkpoint written by `train.py` holds, besides Lightning's state: `config` (the composed config,
-resolved), `overrides` (the command-line overrides of its run) and `seed`. That is enough for
-`eval.py` and `predict.py` to rebuild the model without the run folder.
-"""
+"""Checkpoints that survive a crash and an interrupt and carry the random state for an exact resume.
+Reading a checkpoint back as data is mnist_extras/loading.py's job."""
 
 import errno
 import os
 import random
+import shlex
 import shutil
 import tempfile
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from hydra.utils import instantiate
-from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning_fabric.plugins import TorchCheckpointIO
 from omegaconf import OmegaConf
-from pytorch_lightning.callbacks import WeightAveraging
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
-
-from mnist_extras.errors import ConfigError
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -85,9 +77,19 @@ def checkpoint_bytes(checkpoint: Any) -> int:
     return 0
 
 
+class AtomicCheckpoints(pl.Callback):
+    """Plugs AtomicCheckpointIO into whatever strategy the trainer runs, through the strategy's
+    public `checkpoint_io` setter, so that train.py does not need to know about it."""
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # leave a plugin the user chose
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+
+
 class SaveOnInterrupt(pl.Callback):
     """Ctrl-C or SIGTERM (what a cluster scheduler sends before it kills a job) while fitting:
-    write `<dirpath>/last.ckpt` where the run stands, so `ckpt_path=last` continues it.
+    write `<run_dir>/checkpoints/last.ckpt` where the run stands and print the command that
+    continues it; while testing (training is over), say so and print the command that tests again.
 
     Other exceptions (a nan loss, a full disk, a bug) save nothing: their weights are not worth
     resuming from, and the last good `last.ckpt` must stay. Lightning's OnExceptionCheckpoint does
@@ -95,18 +97,58 @@ class SaveOnInterrupt(pl.Callback):
     `fit(ckpt_path=None)` into `ckpt_path="last"`, so a new run would silently continue an old one.
     """
 
-    def __init__(self, dirpath: str | Path, filename: str = "last") -> None:
-        self.path = Path(dirpath) / f"{filename}.ckpt"
+    def __init__(self, run_dir: str | Path, filename: str = "last") -> None:
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / "checkpoints" / f"{filename}.ckpt"
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if not isinstance(exception, KeyboardInterrupt | SIGTERMException) or trainer.state.fn != "fit":
+        if not isinstance(exception, KeyboardInterrupt | SIGTERMException):
             return
-        trainer.save_checkpoint(self.path)
         signal = "SIGTERM" if isinstance(exception, SIGTERMException) else "Ctrl-C"
-        rank_zero_info(
-            f"{signal} at epoch {trainer.current_epoch}, step {trainer.global_step}: saved {self.path}; "
-            f"continue with: python train.py ckpt_path={self.path}"
-        )
+        if isinstance(exception, SIGTERMException) and exception.code is None:
+            # Lightning raises SystemExit() with no code, which exits 0: a scheduler or a script would
+            # take the run for finished. 143 is the shell's code for a process ended by SIGTERM.
+            exception.code = 128 + 15
+        if trainer.state.fn == TrainerFn.FITTING:
+            trainer.save_checkpoint(self.path)
+            where = f"at epoch {trainer.current_epoch}, step {trainer.global_step}: saved {self.path}"
+        elif self.path.is_file():
+            # The test loaded the best weights: saving now would put them in last.ckpt. The last
+            # checkpoint of the finished fit is kept; continuing it skips to the test.
+            where = f"while testing; the run had finished training ({self.path} is its last epoch)"
+        else:
+            where = "after training finished; there is no last.ckpt to test again from"
+            rank_zero_info(f"{signal} {where}")
+            if trainer.is_global_zero:
+                self.mark_interrupted(f"{signal} {where}")
+            return
+        line = continue_command(self.run_dir, self.path)
+        rank_zero_info(f"{signal} {where}; continue with: {line}")
+        if trainer.is_global_zero:
+            self.mark_interrupted(f"{signal} {where}; continue with: {line}")
+
+    def mark_interrupted(self, message: str) -> None:
+        try:
+            from mnist_extras.records import mark_interrupted
+        except ImportError:  # records.py without the helper: run.json says what its own hooks say
+            return
+        mark_interrupted(self.run_dir, message)
+
+
+def continue_command(run_dir: Path, checkpoint: Path) -> str:
+    """`python train.py ...` that continues `checkpoint` in `run_dir`, safe to paste into a shell:
+    the run's recorded overrides (each quoted for the shell), then the checkpoint and the folder
+    (quoted for Hydra, then for the shell). Plain Hydra: `ckpt_path` is not in config.yaml, and
+    pointing hydra.run.dir at the run makes it continue in place."""
+    from mnist_extras.errors import quoted
+
+    recorded_file = run_dir / ".hydra" / "overrides.yaml"
+    recorded = OmegaConf.to_container(OmegaConf.load(recorded_file)) if recorded_file.is_file() else []
+    # Replaced below; hparams_search would start a search (its file sets hydra.mode: MULTIRUN).
+    dropped = ("ckpt_path", "hydra.run.dir", "hparams_search")
+    kept = [arg for arg in recorded if arg.partition("=")[0].lstrip("+~") not in dropped]
+    new = [f"+ckpt_path={quoted(checkpoint)}", f"hydra.run.dir={quoted(run_dir)}"]
+    return " ".join(["python", "train.py", *map(shlex.quote, [*kept, *new])])
 
 
 class RandomState(pl.Callback):
@@ -136,19 +178,3 @@ class RandomState(pl.Callback):
         np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
         version, internal, gauss_next = state_dict["python"]
         random.setstate((version, tuple(internal), gauss_next))
-
-
-def load_task(path: str | Path) -> tuple[pl.LightningModule, dict[str, Any]]:
-    """The task saved in a checkpoint of `train.py`, in eval mode on the CPU, and the checkpoint."""
-    checkpoint = torch.load(path, map_location="cpu")
-    if "config" not in checkpoint:
-        raise ConfigError(f"ckpt_path={path} holds no run config; pass a checkpoint written by train.py")
-    task_cfg = OmegaConf.create(checkpoint["config"]["task"])
-    if "pretrained" in task_cfg.model.backbone:
-        # The weights come from the checkpoint; fetching ImageNet's first would be wasted (or fail offline).
-        task_cfg.model.backbone.pretrained = False
-    if "compile" in task_cfg:
-        task_cfg.compile = False  # inference on a few images: compiling would cost more and need a C++ compiler
-    task = instantiate(task_cfg)
-    task.load_state_dict(checkpoint["state_dict"])
-    return task.eval(), checkpoint

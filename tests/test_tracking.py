@@ -1,4 +1,6 @@
-"""logger=mlflow and logger=wandb end to end, their stores in tmp folders; they need requirements-tracking.txt."""
+"""logger=mlflow and logger=wandb end to end (with callbacks=default, whose TrackedFiles gives them the
+config, the best checkpoint and the figures), their stores in tmp folders; they need
+requirements-tracking.txt. Command-line runs: the config they log is the one Hydra writes."""
 
 import importlib.util
 from pathlib import Path
@@ -6,8 +8,8 @@ from pathlib import Path
 import pytest
 from conftest import OFFLINE, TINY_RUN, compose_config, run_train
 
-from mnist_extras.errors import ConfigError
 from mnist_extras.checks import check_targets
+from mnist_extras.errors import ConfigError
 
 
 def test_a_tracking_logger_without_its_package_stops_with_the_install_command(monkeypatch):
@@ -26,6 +28,7 @@ def test_a_tracking_logger_without_its_package_stops_with_the_install_command(mo
 def mlflow_args(store: Path) -> list[str]:
     """logger=mlflow with its database and artifacts in `store` instead of the project folder."""
     return [
+        "callbacks=default",
         "logger=mlflow",
         f"logger.mlflow.tracking_uri=sqlite:///{store / 'mlflow.db'}",
         f"logger.mlflow.artifact_location={store / 'mlartifacts'}",
@@ -62,7 +65,7 @@ def test_mlflow_run_has_the_config_metrics_checkpoint_and_figures(tmp_path, mnis
     assert params["task/optimizer/lr"] == "0.002"
     assert params["task/model/backbone/_target_"] == "backbones.ResNet18"
     assert params["trainer/max_epochs"] == "1"
-    assert "seed" in params
+    assert params["seed"] == "0"
     steps = client.get_metric_history(run.info.run_id, "train/loss_step")
     assert [m.step for m in steps] == [0, 1, 2]  # every step of 3 training batches
     assert [m.value for m in client.get_metric_history(run.info.run_id, "epoch")][-1] >= 0
@@ -107,7 +110,13 @@ def test_wandb_run_is_offline_in_the_run_folder(tmp_path, mnist_dir):
         "WANDB_CACHE_DIR": str(home / "cache"),
         "WANDB_DATA_DIR": str(home / "data"),
     }
-    args = [*TINY_RUN, "logger=wandb", f"data_module.data_dir={mnist_dir}", f"hydra.run.dir={run_dir}"]
+    args = [
+        *TINY_RUN,
+        "callbacks=default",
+        "logger=wandb",
+        f"data_module.data_dir={mnist_dir}",
+        f"hydra.run.dir={run_dir}",
+    ]
     result = run_train(*args, env=env)
     assert result.returncode == 0, result.stderr
 
@@ -118,3 +127,72 @@ def test_wandb_run_is_offline_in_the_run_folder(tmp_path, mnist_dir):
     assert f"wandb sync {offline_run}" in result.stdout + result.stderr
     logs = "".join(p.read_text(errors="replace") for p in [*run_dir.rglob("*.log"), *home.rglob("*.log")])
     assert "api.wandb.ai" not in logs
+
+
+def test_the_tracking_loggers_name_runs_by_their_folders(tmp_path, monkeypatch):
+    """configs/logger/{mlflow,wandb}.yaml group runs by the folder above the run (one experiment a
+    sweep) and name them by the run folder: the resolvers mnist_extras.errors registers."""
+    from omegaconf import OmegaConf
+
+    import mnist_extras.errors  # noqa: F401  registers run_group and run_name
+
+    monkeypatch.chdir(tmp_path)
+    cfg = OmegaConf.create(
+        {
+            "dir": str(tmp_path / "multirun" / "sweep" / "3"),
+            "group": "${run_group:${dir}}",
+            "name": "${run_name:${dir}}",
+        }
+    )
+    assert (cfg.group, cfg.name) == ("multirun/sweep", "3")
+
+
+def test_progress_lines_say_step_images_per_second_and_time_left_where_output_is_no_terminal(caplog):
+    from types import SimpleNamespace
+
+    import torch
+
+    from mnist_extras.tracking import ProgressLines
+
+    progress = ProgressLines(every_s=0.0)
+    progress.enabled = True  # as when stdout is a file or a pipe
+    trainer = SimpleNamespace(global_step=0, world_size=1, estimated_stepping_batches=100)
+    progress.on_train_start(trainer, None)
+    trainer.global_step = 10
+    with caplog.at_level("INFO"):
+        progress.on_train_batch_end(trainer, None, None, (torch.zeros(64, 1, 28, 28), torch.zeros(64)), 9)
+    [line] = caplog.messages
+    assert line.startswith("step 10/100, ")
+    assert " images/s, " in line
+    assert line.endswith(" left")
+
+
+def test_accuracy_axes_are_scaled_to_the_data():
+    from mnist_extras.plots import accuracy_limits
+
+    low, high = accuracy_limits([0.989, 0.994])
+    assert 0.98 < low < 0.989
+    assert 0.994 < high <= 1.01
+    assert accuracy_limits([]) == (0.0, 1.0)
+
+
+def test_the_learning_curve_reads_the_loss_only_on_logged_steps():
+    """Reading callback_metrics waits for the device; Lightning itself reads it on logged steps only."""
+    import torch
+
+    from mnist_extras.plots import LearningCurve
+
+    class Trainer:
+        log_every_n_steps, global_step, reads = 5, 0, 0
+
+        @property
+        def callback_metrics(self):
+            self.reads += 1
+            return {"train/loss_step": torch.tensor(1.0)}
+
+    trainer, curve = Trainer(), LearningCurve("unused.png")
+    for step in range(1, 11):
+        trainer.global_step = step
+        curve.on_train_batch_end(trainer, None)
+    assert trainer.reads == 2
+    assert curve.steps == [(5, 1.0), (10, 1.0)]

@@ -1,25 +1,261 @@
-"""End to end: resume, evaluate, predict, sweep report and Optuna search, each on a tiny budget."""
+"""End to end with `callbacks=default`: resume, the best checkpoint, interrupts, a nan stop, moving
+averages, continued loggers, evaluate, predict, sweep report and Optuna search, each on a tiny budget.
 
+Runs are `train(cfg)` in this process (`train_here`) unless the behaviour is the command line:
+signals, a pasted command, sweeps, eval.py and predict.py.
+"""
+
+import contextlib
 import csv
 import json
+import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_RUN, run_train
+from conftest import PROJECT_DIR, TINY_RUN, run_train
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf, open_dict
 from PIL import Image
 from torchvision.datasets.mnist import read_image_file
 
-from mnist_extras.errors import PROJECT_DIR
+from train import CONFIG_DIR, as_group_choice, train
 
-pytestmark = pytest.mark.slow
+# A run that continues in its own folder finds its checkpoints there: Lightning says so, rightly.
+pytestmark = pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
 TESTS_ON_PATH = {"PYTHONPATH": str(Path(__file__).parent)}  # for diverging_loss
+DEFAULTS = ["callbacks=default", "logger=default"]
+
+
+def train_here(run_dir: Path, *overrides: str, base: tuple[str, ...] = (*TINY_RUN, *DEFAULTS)) -> dict[str, float]:
+    """`train(cfg)` in this process, as `python train.py TINY_RUN... callbacks=default logger=default
+    <overrides> hydra.run.dir=<run_dir>` would run it (without the Hydra callbacks: no run.json).
+    Every step is logged: with Lightning's 10, 3-batch epochs would log none."""
+    args = [*base, "trainer.log_every_n_steps=1", *overrides, f"hydra.run.dir={run_dir}"]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[as_group_choice(arg) for arg in args], return_hydra_config=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(run_dir)
+        cfg.hydra.job.name = "train"
+    HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return train(cfg)
+
+
+@contextlib.contextmanager
+def lightning_lines() -> Iterator[list[str]]:
+    """The lines Lightning's rank_zero_info logs (train.py's `test accuracy: ...` among them)."""
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("pytorch_lightning")
+    logger.addHandler(handler)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+
+
+def checkpoint_tested(lines: list[str]) -> str:
+    [line] = [line for line in lines if line.startswith("test accuracy: ")]
+    return line.split("(", 1)[1].rstrip(")")
+
+
+def csv_rows(run_dir: Path, name: str) -> list[dict[str, str]]:
+    with (run_dir / "metrics.csv").open(newline="") as f:
+        return [row for row in csv.DictReader(f) if row.get(name)]
+
+
+@pytest.fixture(scope="module")
+def two_epochs(tmp_path_factory, mnist_dir) -> tuple[Path, dict[str, float], list[str]]:
+    """An uninterrupted two-epoch run with seed 7: its folder, metrics and Lightning's lines."""
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    with lightning_lines() as lines:
+        metrics = train_here(run_dir, "trainer.max_epochs=2", "+seed=7", f"data_module.data_dir={mnist_dir}")
+    return run_dir, metrics, lines
+
+
+def test_resumed_run_ends_exactly_where_an_uninterrupted_run_ends(tmp_path, mnist_dir, two_epochs):
+    uninterrupted_dir, uninterrupted, _ = two_epochs
+    run_dir = tmp_path / "run"
+    common = ["+seed=7", f"data_module.data_dir={mnist_dir}"]
+    train_here(run_dir, *common)  # stopped after its first epoch
+    last = run_dir / "checkpoints" / "last.ckpt"
+    resumed = train_here(run_dir, *common, "trainer.max_epochs=2", f"+ckpt_path={last}")
+
+    expected = torch.load(uninterrupted_dir / "checkpoints" / "last.ckpt")
+    actual = torch.load(last)
+    assert (actual["epoch"], actual["global_step"]) == (expected["epoch"], expected["global_step"]) == (1, 6)
+    for name, tensor in expected["state_dict"].items():
+        assert torch.equal(actual["state_dict"][name], tensor), name
+    assert resumed["test/acc"] == uninterrupted["test/acc"]
+    assert resumed["test/loss"] == uninterrupted["test/loss"]
+    # The continued loggers hold each epoch once: the first part's rows kept, none repeated.
+    assert [int(row["epoch"]) for row in csv_rows(run_dir, "train/loss_epoch")] == [0, 1]
+    assert [row["train/loss_epoch"] for row in csv_rows(run_dir, "train/loss_epoch")] == [
+        row["train/loss_epoch"] for row in csv_rows(uninterrupted_dir, "train/loss_epoch")
+    ]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+    assert [event.step for event in events.Scalars("train/loss_epoch")] == [2, 5]
+
+
+def test_a_fresh_run_in_a_used_folder_starts_a_fresh_metrics_file(tmp_path, mnist_dir):
+    run_dir = tmp_path / "run"
+    train_here(run_dir, f"data_module.data_dir={mnist_dir}")
+    train_here(run_dir, f"data_module.data_dir={mnist_dir}")
+    assert [int(row["epoch"]) for row in csv_rows(run_dir, "train/loss_epoch")] == [0]
+
+
+def test_the_test_uses_the_best_checkpoint_which_keeps_weights_only(two_epochs):
+    """Lightning's `trainer.checkpoint_callback` is the first ModelCheckpoint: callbacks/default.yaml
+    lists the best one (val/acc) first, so the test, run.json and TrackedFiles read the best."""
+    run_dir, _, lines = two_epochs
+    checkpoints = {path.name for path in (run_dir / "checkpoints").iterdir()}
+    [best] = checkpoints - {"last.ckpt"}
+    assert best.startswith("epoch")
+    assert Path(checkpoint_tested(lines)) == run_dir / "checkpoints" / best
+    assert "optimizer_states" not in torch.load(run_dir / "checkpoints" / best)  # the test needs weights only
+    assert "optimizer_states" in torch.load(run_dir / "checkpoints" / "last.ckpt")  # a resume needs Adam's state
+    cfg = OmegaConf.load(CONFIG_DIR / "callbacks" / "default.yaml")
+    first = next(node for node in cfg.values() if node._target_.endswith("ModelCheckpoint"))
+    assert (first.monitor, first.mode, first.save_weights_only) == ("val/acc", "max", True)
+
+
+def test_a_nan_loss_stops_the_run_with_diverged(tmp_path, mnist_dir):
+    from mnist_extras.divergence import Diverged
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    try:
+        with pytest.raises(Diverged, match="the training loss became nan or inf by step 1"):
+            train_here(
+                tmp_path / "run",
+                "task.loss_function._target_=diverging_loss.NaNFromStep",
+                "trainer.log_every_n_steps=1",
+                f"data_module.data_dir={mnist_dir}",
+            )
+    finally:
+        sys.path.remove(str(Path(__file__).parent))
+
+
+def test_a_moving_average_continues_on_resume_and_is_what_the_checkpoints_hold(tmp_path, mnist_dir):
+    run_dir = tmp_path / "run"
+    common = ["callbacks=ema", "callbacks.moving_average.decay=0.5", f"data_module.data_dir={mnist_dir}"]
+    train_here(run_dir, *common)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    train_here(run_dir, *common, "trainer.max_epochs=2", f"+ckpt_path={last}")
+
+    checkpoint = torch.load(last)
+    assert checkpoint["averaging_state"]["n_averaged"] == 6  # 3 steps an epoch: the first epoch's average went on
+    averaged, raw = checkpoint["state_dict"], checkpoint["current_model_state"]
+    assert any(not torch.equal(averaged[name], raw[name]) for name in averaged)
+
+
+def test_the_moving_average_step_is_timms_warm_up_then_the_decay():
+    from mnist_extras.averaging import moving_average_step
+
+    averaged, current = [torch.zeros(3), torch.tensor([1])], [torch.ones(3), torch.tensor([5])]
+    moving_average_step(averaged, current, torch.tensor(0), decay=0.99)
+    assert torch.allclose(averaged[0], torch.full((3,), 0.9))  # decay (1 + 0) / (10 + 0) = 0.1 at first
+    assert averaged[1].item() == 5  # counters are copied
+    moving_average_step(averaged, current, torch.tensor(10**6), decay=0.99)
+    assert torch.allclose(averaged[0], torch.full((3,), 0.9 + 0.1 * 0.01))
+
+
+# A run folder a user might have: spaces and a non-ASCII letter.
+AWKWARD = "my runs/é 1"
+
+
+def test_the_continue_line_quotes_what_was_recorded_for_the_shell_and_hydra(tmp_path):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from mnist_extras.checkpoints import continue_command
+
+    run_dir = tmp_path / AWKWARD
+    (run_dir / ".hydra").mkdir(parents=True)
+    recorded = ["trainer=cpu", "data_module.data_dir='/data/ünï code'", f"hydra.run.dir='{run_dir}'", "+ckpt_path=x"]
+    (run_dir / ".hydra" / "overrides.yaml").write_text(OmegaConf.to_yaml(recorded))
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+
+    words = shlex.split(continue_command(run_dir, checkpoint))
+
+    assert words[:4] == ["python", "train.py", "trainer=cpu", "data_module.data_dir='/data/ünï code'"]
+    parsed = {o.get_key_element(): o.value() for o in OverridesParser.create().parse_overrides(words[2:])}
+    assert parsed["+ckpt_path"] == str(checkpoint)
+    assert parsed["hydra.run.dir"] == str(run_dir)
+    assert len(words) == 6  # the recorded ckpt_path and hydra.run.dir are replaced, not repeated
+
+
+def test_an_interrupt_while_testing_says_training_had_finished_and_how_to_continue(tmp_path, capsys):
+    from pytorch_lightning.trainer.states import TrainerFn
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    from mnist_extras.checkpoints import SaveOnInterrupt
+
+    callback = SaveOnInterrupt(tmp_path)
+    callback.path.parent.mkdir()
+    callback.path.write_bytes(b"the last epoch")
+    trainer = SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.TESTING), is_global_zero=True)
+    with lightning_lines() as lines:
+        callback.on_exception(trainer, None, SIGTERMException())
+    [line] = lines
+    assert "the run had finished training" in line
+    assert "continue with: python train.py '+ckpt_path=" in line
+    assert callback.path.read_bytes() == b"the last epoch"  # the test's (best) weights are not saved over it
+
+
+@pytest.mark.slow
+def test_sigterm_prints_a_continue_line_that_works_pasted_in_a_folder_with_spaces_and_accents(tmp_path, mnist_dir):
+    run_dir = tmp_path / AWKWARD
+    args = [
+        *TINY_RUN,
+        *DEFAULTS,
+        "trainer.max_epochs=2",
+        "trainer.limit_train_batches=30",
+        "data_module.batch_size=16",
+        f"data_module.data_dir={mnist_dir}",
+        f"hydra.run.dir='{run_dir}'",
+    ]
+    process = subprocess.Popen(
+        [sys.executable, "train.py", *args], cwd=PROJECT_DIR, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    last = run_dir / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 600
+    while not last.is_file():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    time.sleep(1)  # into the second epoch
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 143, stderr  # the shell's code for SIGTERM, not 0
+    [line] = [line for line in stdout.splitlines() if "continue with: " in line]
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "interrupted"
+
+    pasted = subprocess.run(
+        ["bash", "-c", line.split("continue with: ", 1)[1]],
+        cwd=PROJECT_DIR,
+        env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert pasted.returncode == 0, pasted.stderr
+    assert torch.load(last)["epoch"] == 1  # the second epoch, finished in the same folder
+    assert [int(row["epoch"]) for row in csv_rows(run_dir, "train/loss_epoch")] == [0, 1]
 
 
 def run_script(script: str, *args: str) -> subprocess.CompletedProcess:
@@ -30,62 +266,32 @@ def printed_accuracy(result: subprocess.CompletedProcess) -> float:
     return float(result.stdout.split("test accuracy: ")[1].split()[0])
 
 
-@pytest.fixture(scope="module")
-def two_epochs(tmp_path_factory, mnist_dir) -> tuple[Path, subprocess.CompletedProcess]:
-    """An uninterrupted two-epoch run with seed 7."""
-    run_dir = tmp_path_factory.mktemp("uninterrupted")
-    result = run_train(
-        *TINY_RUN, "trainer.max_epochs=2", "seed=7", f"data_module.data_dir={mnist_dir}", f"hydra.run.dir={run_dir}"
-    )
-    assert result.returncode == 0, result.stderr
-    return run_dir, result
-
-
-def test_resumed_run_ends_exactly_where_an_uninterrupted_run_ends(tmp_path, mnist_dir, two_epochs):
-    uninterrupted_dir, uninterrupted = two_epochs
-    run_dir = tmp_path / "run"
-    # A run stopped after its first epoch, then continued from its last.ckpt alone: the run's
-    # other overrides (tiny budget, seed, data_dir) are recalled from its folder.
-    first = run_train(*TINY_RUN, "seed=7", f"data_module.data_dir={mnist_dir}", f"hydra.run.dir={run_dir}")
-    assert first.returncode == 0, first.stderr
-    resumed = run_train(f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "trainer.max_epochs=2")
-    assert resumed.returncode == 0, resumed.stderr
-
-    assert "epoch 1/2" not in resumed.stdout  # the first epoch is not trained again
-    assert "epoch 2/2" in resumed.stdout
-    expected = torch.load(uninterrupted_dir / "checkpoints" / "last.ckpt")
-    actual = torch.load(run_dir / "checkpoints" / "last.ckpt")
-    assert (actual["epoch"], actual["global_step"]) == (expected["epoch"], expected["global_step"])
-    for name, tensor in expected["state_dict"].items():
-        assert torch.equal(actual["state_dict"][name], tensor), name
-    assert printed_accuracy(resumed) == printed_accuracy(uninterrupted)
-    assert actual["seed"] == 7
-    assert actual["config"]["task"]["model"]["_target_"] == "models.SimpleModel"
-
-
+@pytest.mark.slow
 def test_eval_tests_the_whole_set_unless_told_and_agrees_with_the_run(tmp_path, two_epochs):
-    run_dir, trained = two_epochs
-    best = next((run_dir / "checkpoints").glob("epoch*.ckpt"))
+    run_dir, trained, lines = two_epochs
+    best = checkpoint_tested(lines)
 
     # The same two batches the run tested on (its limit is not inherited; this command sets it).
     limited = run_script(
-        "eval.py", f"ckpt_path={best}", "+trainer.limit_test_batches=2", f"hydra.run.dir={tmp_path / 'a'}"
+        "eval.py",
+        f"ckpt_path={best}",
+        "trainer=cpu",
+        "+trainer.limit_test_batches=2",
+        f"hydra.run.dir={tmp_path / 'a'}",
     )
     assert limited.returncode == 0, limited.stderr
-    assert printed_accuracy(limited) == printed_accuracy(trained)
-    loss = float(limited.stdout.split("test loss: ")[1].split()[0])
-    assert loss == pytest.approx(float(trained.stdout.split("test/loss=")[1].split()[0]), abs=1e-4)
+    assert printed_accuracy(limited) == pytest.approx(trained["test/acc"])
     assert "on 128 test images" in limited.stdout
 
-    whole = run_script("eval.py", f"ckpt_path={best}", f"hydra.run.dir={tmp_path / 'b'}")
+    whole = run_script("eval.py", f"ckpt_path={best}", "trainer=cpu", f"hydra.run.dir={tmp_path / 'b'}")
     assert whole.returncode == 0, whole.stderr
     assert "on 10000 test images" in whole.stdout
-    assert "on 10000 test images" in (tmp_path / "b" / "eval.log").read_text()
 
 
+@pytest.mark.slow
 def test_predict_gives_what_the_model_says_of_the_original_digit_either_way_round(tmp_path, mnist_dir, learned):
-    from mnist_extras.checkpoints import load_task
     from data_modules import normalize
+    from mnist_extras.loading import load_task
 
     digits = read_image_file(str(mnist_dir / "MNIST" / "raw" / "t10k-images-idx3-ubyte"))[:8]
     folder = tmp_path / "digits"
@@ -95,7 +301,7 @@ def test_predict_gives_what_the_model_says_of_the_original_digit_either_way_roun
         big.save(folder / f"{i}-white-on-black.png")
         Image.fromarray(255 - np.asarray(big)).convert("RGB").save(folder / f"{i}-black-on-white.png")
     (folder / "notes.txt").write_text("not an image")
-    checkpoint = learned / "checkpoints" / "last.ckpt"
+    checkpoint = next((learned / "checkpoints").glob("*.ckpt"))
 
     result = run_script("predict.py", f"ckpt_path={checkpoint}", f"inputs={folder}")
 
@@ -103,7 +309,7 @@ def test_predict_gives_what_the_model_says_of_the_original_digit_either_way_roun
     rows = [line.split() for line in result.stdout.strip().splitlines()[1:]]
     assert sorted(Path(file).name for file, _, _ in rows) == sorted(p.name for p in folder.glob("*.png"))
     predicted = {Path(file).name: (int(digit), float(confidence)) for file, digit, confidence in rows}
-    task, _ = load_task(checkpoint)
+    task = load_task(checkpoint)
     with torch.inference_mode():
         expected = task(normalize(digits.unsqueeze(1))).softmax(dim=1).max(dim=1)
     agree = 0
@@ -120,13 +326,16 @@ def read_summary(sweep_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_sweep_summary_has_a_row_per_job_even_a_failed_one_and_a_rerun_skips_finished_jobs(tmp_path, mnist_dir):
     sweep_dir = tmp_path / "sweep"
     # The second job's loss turns nan: that job fails, the sweep goes on.
     args = [
         "-m",
+        "hydra/launcher=subprocess",  # the launcher that resumes a sweep run again
         "task.loss_function._target_=loss_functions.CrossEntropyLoss,diverging_loss.NaNFromStep",
         *TINY_RUN,
+        *DEFAULTS,
         f"data_module.data_dir={mnist_dir}",
         f"hydra.sweep.dir={sweep_dir}",
     ]
@@ -137,49 +346,18 @@ def test_sweep_summary_has_a_row_per_job_even_a_failed_one_and_a_rerun_skips_fin
     rows = read_summary(sweep_dir)
     assert [(row["job"], row["status"]) for row in rows] == [("0", "completed"), ("1", "failed")]
     assert "loss_functions.CrossEntropyLoss" in rows[0]["overrides"]
-    assert int(rows[0]["params"]) > 11_000_000
     assert 0 <= float(rows[0]["best val acc"]) <= 1
     assert 0 <= float(rows[0]["test acc"]) <= 1
-    assert rows[0]["epochs"] == "1"
-    assert float(rows[0]["wall time (s)"]) > 0
     assert "the training loss became nan or inf" in rows[1]["error"]
-    summary_md = (sweep_dir / "summary.md").read_text().splitlines()
-    assert summary_md[0].startswith("common: ")
-    assert "`trainer=cpu`" in summary_md[0]
-    table = [line for line in summary_md if line.startswith("|")]
-    assert len(table) == 4  # header, rule, two jobs
-    assert "diverging_loss.NaNFromStep" in table[3]
-    assert "trainer=cpu" not in table[3]
-    assert "| failed |" in table[3]
     assert (sweep_dir / "comparison.png").stat().st_size > 0
-    assert "Sweep summary" in result.stdout
     assert (sweep_dir / "0" / "confusion_matrix.png").is_file()
 
     again = run_train(*args, env=TESTS_ON_PATH)
     assert "job 0 finished before" in again.stdout
-    assert "#1 : " in again.stdout  # the failed job ran again, and failed before its first epoch ended
-    assert "epoch 1/1" not in again.stdout
     assert [row["status"] for row in read_summary(sweep_dir)] == ["completed", "failed"]
 
 
-@pytest.mark.parametrize(
-    ("args", "line"),
-    [
-        (["trainer=cpu", "task.optimizer.lr=0.1,-1"], "error: task.optimizer.lr=-1: a finite number > 0;"),
-        (["task.model.backbone=resnet18,resnet34"], "error: trainer.accelerator=gpu: PyTorch sees no CUDA GPU here;"),
-    ],
-)
-def test_every_point_of_a_sweep_is_checked_before_the_first_job(tmp_path, args, line):
-    if "gpu" in line and torch.cuda.is_available():
-        pytest.skip("this machine has a GPU")
-    sweep_dir = tmp_path / "sweep"
-    result = run_train("-m", *args, "task.model.backbone.pretrained=false", f"hydra.sweep.dir={sweep_dir}")
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
-    assert result.stderr.startswith(line)
-    assert not sweep_dir.exists()
-
-
+@pytest.mark.slow
 def test_optuna_search_reports_its_trials_and_the_same_command_continues_its_study(tmp_path, mnist_dir):
     sweep_dir = tmp_path / "optuna"
     search = [
@@ -196,49 +374,21 @@ def test_optuna_search_reports_its_trials_and_the_same_command_continues_its_stu
     rows = read_summary(sweep_dir)
     assert [row["status"] for row in rows] == ["completed", "completed"]
     assert all("task.optimizer.lr=" in row["overrides"] for row in rows)
-    assert all(0 <= float(row["best val acc"]) <= 1 for row in rows)  # the objective: the one validation
     assert not list(sweep_dir.glob("*/checkpoints/*.ckpt"))  # fast_dev_run saves none
-    assert "\x1b[" not in result.stderr  # Optuna's lines are plain where stderr is not a terminal
-    assert "A new study created in RDB with name: mnist" in result.stderr
-    first_jobs = {job: (sweep_dir / job / "run.json").stat().st_mtime for job in ("0", "1")}
 
     # Again with a larger budget: the stored trials count, so one trial runs, in the next folder.
     again = run_train(*search, "hydra.sweeper.n_trials=3")
 
     assert again.returncode == 0, again.stderr
-    assert "has 2 completed trials of n_trials=3: running 1 more" in again.stdout
     assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == ["0", "1", "2"]
-    assert {job: (sweep_dir / job / "run.json").stat().st_mtime for job in ("0", "1")} == first_jobs
-    study = load_study(sweep_dir)
-    assert [trial.state.name for trial in study.trials] == ["COMPLETE"] * 3
-    assert study.trials[2].params != study.trials[0].params  # the seeded sampler does not start over
-    rows = read_summary(sweep_dir)
-    assert [row["status"] for row in rows] == ["completed"] * 3
-    assert len([line for line in (sweep_dir / "summary.md").read_text().splitlines() if line.startswith("| ")]) == 4
-    best = (sweep_dir / "optimization_results.yaml").read_text()
-    assert float(best.split("best_value: ")[1]) == pytest.approx(study.best_value)
-    assert max(float(row["best val acc"]) for row in rows) == pytest.approx(study.best_value, abs=1e-4)
-    assert (sweep_dir / "optimization_history.png").stat().st_size > 0
-    assert (sweep_dir / "param_slices.png").stat().st_size > 0
-
-    # Another search space in the same study is refused before any trial.
-    other = run_train(*search, "hydra.sweeper.n_trials=4", "data_module.batch_size=choice(32,64)")
-
-    assert other.returncode == 2
-    errors = [line for line in other.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, other.stderr
-    assert "data_module.batch_size in CategoricalDistribution(choices=(32, 64))" in errors[0]
-    assert "; fix: " in errors[0]
-    assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == ["0", "1", "2"]
-    assert len(load_study(sweep_dir).trials) == 3
-
-
-def load_study(sweep_dir: Path):
     import optuna
 
-    return optuna.load_study(study_name="mnist", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
+    study = optuna.load_study(study_name="mnist", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
+    assert [trial.state.name for trial in study.trials] == ["COMPLETE"] * 3
+    assert [row["status"] for row in read_summary(sweep_dir)] == ["completed"] * 3
 
 
+@pytest.mark.slow
 def test_early_stopping_from_the_callbacks_group_stops_and_says_why(tmp_path, mnist_dir):
     run_dir = tmp_path / "run"
     result = run_train(
@@ -257,69 +407,16 @@ def test_early_stopping_from_the_callbacks_group_stops_and_says_why(tmp_path, mn
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()  # the default callbacks still run
 
 
-def test_a_moving_average_continues_on_resume_and_is_what_the_run_tests_and_eval_scores(tmp_path, mnist_dir):
-    run_dir = tmp_path / "run"
-    first = run_train(
-        *TINY_RUN,
-        "callbacks=ema",
-        "callbacks.moving_average.decay=0.5",
-        f"data_module.data_dir={mnist_dir}",
-        f"hydra.run.dir={run_dir}",
-    )
-    assert first.returncode == 0, first.stderr
-    resumed = run_train(f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "trainer.max_epochs=2")
-    assert resumed.returncode == 0, resumed.stderr
-
-    last = torch.load(run_dir / "checkpoints" / "last.ckpt")
-    assert last["averaging_state"]["n_averaged"] == 6  # 3 steps an epoch: the first epoch's average went on
-    averaged, raw = last["state_dict"], last["current_model_state"]
-    assert any(not torch.equal(averaged[name], raw[name]) for name in averaged)
-    best = resumed.stdout.split("test accuracy: ")[1].split("(")[1].split(";")[0]
-    evaluated = run_script(
-        "eval.py", f"ckpt_path={best}", "+trainer.limit_test_batches=2", f"hydra.run.dir={tmp_path}/e"
-    )
-    assert evaluated.returncode == 0, evaluated.stderr
-    # eval.py scores the checkpoint's averaged weights: the run's own test must have scored the same.
-    loss = float(evaluated.stdout.split("test loss: ")[1].split()[0])
-    assert loss == pytest.approx(float(resumed.stdout.split("test/loss=")[1].split()[0]), abs=1e-4)
-    assert printed_accuracy(evaluated) == printed_accuracy(resumed)
-
-
-def test_a_tensorboard_only_run_continues_with_every_epoch_once_in_its_events(tmp_path, mnist_dir):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    run_dir = tmp_path / "run"
-    common = [*TINY_RUN, "logger=tensorboard", f"data_module.data_dir={mnist_dir}", f"hydra.run.dir={run_dir}"]
-    assert run_train(*common).returncode == 0
-    result = run_train(f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "trainer.max_epochs=2")
-    assert result.returncode == 0, result.stderr
-
-    events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
-    epochs = [event.step for event in events.Scalars("train/loss_epoch")]
-    assert len(epochs) == 2
-    assert epochs == sorted(set(epochs))
-    assert not (run_dir / "metrics.csv").exists()  # logger=tensorboard alone
-    assert json.loads((run_dir / "run.json").read_text())["epochs"] == 2
-
-
-def test_a_run_without_loggers_still_leaves_its_record(tmp_path, mnist_dir):
-    run_dir = tmp_path / "run"
-    result = run_train(*TINY_RUN, "logger=none", f"data_module.data_dir={mnist_dir}", f"hydra.run.dir={run_dir}")
-    assert result.returncode == 0, result.stderr
-    assert not (run_dir / "metrics.csv").exists()
-    assert not (run_dir / "tensorboard").exists()
-    record = json.loads((run_dir / "run.json").read_text())
-    assert record["status"] == "completed"
-    assert 0 <= record["metrics"]["test/acc"] <= 1
-
-
+@pytest.mark.slow
 def test_a_sweep_stopped_by_sigterm_continues_when_run_again(tmp_path, mnist_dir):
     """A scheduler's SIGTERM reaches the sweep and its running job (one process group)."""
     sweep_dir = tmp_path / "sweep"
     args = [
         "-m",
+        "hydra/launcher=subprocess",
         "task.optimizer.lr=0.001,0.002",
         *TINY_RUN,
+        *DEFAULTS,
         "trainer.max_epochs=2",
         "trainer.limit_train_batches=20",
         "data_module.batch_size=16",
@@ -347,8 +444,6 @@ def test_a_sweep_stopped_by_sigterm_continues_when_run_again(tmp_path, mnist_dir
 
     again = run_train(*args)
     assert again.returncode == 0, again.stdout + again.stderr
-    assert "job 0 continues from" in again.stdout
     assert [row["status"] for row in read_summary(sweep_dir)] == ["completed", "completed"]
-    with (sweep_dir / "0" / "metrics.csv").open() as f:
-        epochs = [int(row["epoch"]) for row in csv.DictReader(f) if row["train/loss_epoch"]]
+    epochs = [int(row["epoch"]) for row in csv_rows(sweep_dir / "0", "train/loss_epoch")]
     assert epochs == [0, 1]
