@@ -14,12 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_RUN, run_train
+from conftest import PROJECT_DIR, TINY_RUN, run_train
 from torchvision.datasets import MNIST
 
 import backbones
 from mnist_extras import mnist_files
-from mnist_extras.errors import PROJECT_DIR
 from data_modules import MNISTDataModule
 from mnist_extras.mnist_files import RAW_FILES, MNISTUnavailable, damaged_files, file_fault
 
