@@ -164,6 +164,7 @@ def test_a_nan_loss_stops_the_run_naming_the_step(tmp_path, mnist_dir):
     run_dir = tmp_path / "run"
     result = run_train(
         *TINY_RUN,
+        "callbacks=default",  # the divergence stop is one of its callbacks
         "trainer.limit_train_batches=8",
         "trainer.log_every_n_steps=2",
         "task.optimizer.lr=0.001",
