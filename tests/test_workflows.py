@@ -447,3 +447,14 @@ def test_a_sweep_stopped_by_sigterm_continues_when_run_again(tmp_path, mnist_dir
     assert [row["status"] for row in read_summary(sweep_dir)] == ["completed", "completed"]
     epochs = [int(row["epoch"]) for row in csv_rows(sweep_dir / "0", "train/loss_epoch")]
     assert epochs == [0, 1]
+
+
+def test_the_atomic_checkpoint_writer_plugs_into_the_trainer_from_a_callback(tmp_path):
+    import pytorch_lightning as pl
+
+    from mnist_extras.checkpoints import AtomicCheckpointIO, AtomicCheckpoints
+
+    callback = AtomicCheckpoints()
+    trainer = pl.Trainer(accelerator="cpu", logger=False, callbacks=[callback], default_root_dir=tmp_path)
+    callback.setup(trainer, None, "fit")
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
