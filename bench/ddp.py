@@ -26,7 +26,7 @@ def worker(args: argparse.Namespace) -> None:
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from mnist_extras.errors import CONFIG_DIR
+    from train import CONFIG_DIR
 
     class Timer(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:

@@ -4,13 +4,13 @@ import pytorch_lightning as pl
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from mnist_extras.errors import CONFIG_DIR, spell_for_hydra
+from train import CONFIG_DIR, as_group_choice
 
 
 def recipe(*overrides: str) -> DictConfig:
     """The config `python train.py <overrides>` would run."""
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=[spell_for_hydra(o, CONFIG_DIR) for o in overrides])
+        return compose(config_name="config", overrides=[as_group_choice(o) for o in overrides])
 
 
 def bare_trainer(**settings) -> pl.Trainer:

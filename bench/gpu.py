@@ -23,7 +23,9 @@ from hydra.utils import instantiate
 
 from bench.fits import bare_trainer, recipe
 from bench.machine import describe
+from mnist_extras.layers import CentreTaps, swap_centre_taps
 from mnist_extras.records import quiet_libraries
+from mnist_extras.speed import MeasuredSpeed
 
 
 class EpochTimer(pl.Callback):
@@ -52,15 +54,22 @@ class TimeToAccuracy(pl.Callback):
             self.reached = (time.perf_counter() - self.start, trainer.global_step)
 
 
+def mnist_99_with(backbone: str) -> list[str]:
+    """mnist_99 with another ResNet as its backbone, with the recipe's stem and random weights."""
+    return ["+experiment=mnist_99", f"task.model.backbone={backbone}", "task.model.backbone.pretrained=false",
+            "++task.model.backbone.stem=digits"]  # fmt: skip
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def epoch_seconds(args, backbone: str, precision: str, channels_last: bool, compiled: bool, on_device: bool) -> float:
-    cfg = recipe("+experiment=mnist_99", f"task.model.backbone={backbone}", f"data_module.batch_size={args.batch_size}")
+    cfg = recipe(*mnist_99_with(backbone), f"data_module.batch_size={args.batch_size}")
     pl.seed_everything(0, verbose=False)
-    task = instantiate(cfg.task, compile=compiled, speed=None)  # this row's settings, not measured ones
+    task = instantiate(cfg.task, compile=compiled)  # this row's settings, not measured ones
+    swap_centre_taps(task)
     if channels_last:
         task.model.to(memory_format=torch.channels_last)
     timer = EpochTimer()
@@ -109,13 +118,13 @@ def main() -> None:
         limit = args.steps or cfg.trainer.limit_train_batches
         run = bare_trainer(
             accelerator=args.device,
-            callbacks=[goal],
+            callbacks=[CentreTaps(), MeasuredSpeed(), goal],  # callbacks=speed: the recipe as users run it
             max_epochs=cfg.trainer.max_epochs,
             val_check_interval=0.25,
             limit_train_batches=limit,
         )
         datamodule = instantiate(cfg.data_module, on_device=True)
-        task = instantiate(cfg.task)  # task.speed=auto: the recipe as users run it
+        task = instantiate(cfg.task)
         run.fit(task, datamodule=datamodule)
         test = run.test(task, datamodule=datamodule, verbose=False)[0]["test/acc"]  # the last weights
         when = f"after {goal.reached[0]:.1f} s ({goal.reached[1]} steps)" if goal.reached else "never"

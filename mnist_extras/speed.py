@@ -1,10 +1,12 @@
-"""`task.speed=auto`: the precision and memory layout that train fastest on this machine, measured.
+"""The precision and memory layout that train fastest on this machine, measured: a Lightning callback.
 
-Whether bf16 autocast or channels_last pays depends on the chip: on one 2-core Xeon bf16 made a
-ResNet18 step slower, on an EPYC with avx512_bf16 it made it 1.33x faster. So a run measures the
-candidates for a few steps on its own model and batch size before training, keeps the fastest
-that trains correctly, and caches the choice per machine, model and batch size. A
-precision given to the trainer (anything but 32-bit) is kept: only the layout is measured then.
+    python train.py callbacks=speed          # configs/callbacks/speed.yaml: the default callbacks and this one
+
+Whether bf16 autocast or channels_last pays depends on the chip (bench/README.md has figures).
+So a run measures the candidates for a few steps on its own model and batch size before
+training, keeps the fastest that trains correctly, and caches the choice per machine, model and
+batch size. A precision given to the trainer (anything but 32-bit) is kept: only the layout is
+measured then.
 """
 
 import copy

@@ -8,8 +8,9 @@ from hydra.utils import instantiate
 
 import backbones
 from adapters import LinearAdapter
-from mnist_extras.errors import user_error
 from heads import IdentityHead
+from mnist_extras.errors import user_error
+from mnist_extras.layers import CentreTapConv2d, CentreTaps, swap_centre_taps
 from models import AdapterMismatch, SimpleModel
 
 
@@ -72,17 +73,11 @@ def test_pretrained_without_weights_names_the_fix(tmp_path, monkeypatch):
 @pytest.mark.parametrize("backbone", [backbones.ResNet18, backbones.ResNet50])
 def test_centre_tap_convolutions_give_the_plain_convolutions_outputs_and_gradients(backbone):
     torch.manual_seed(0)
-    fast = backbone()
-    plain = copy.deepcopy(fast)
-    swapped = 0
-    for module in list(plain.modules()):
-        for name, conv in list(module.named_children()):
-            if isinstance(conv, backbones.CentreTapConv2d):
-                twin = torch.nn.Conv2d(conv.in_channels, conv.out_channels, 3, padding=1, bias=False)
-                twin.weight = conv.weight
-                setattr(module, name, twin)
-                swapped += 1
-    assert swapped >= 13  # every 3x3 stride-1 convolution, the 1x1-map ones among them
+    plain = backbone()
+    fast = copy.deepcopy(plain)
+    assert swap_centre_taps(fast) >= 13  # every 3x3 stride-1 convolution, the 1x1-map ones among them
+    assert swap_centre_taps(fast) == 0  # a second swap finds nothing left to do
+    assert isinstance(fast.net.layer4[1].conv2, CentreTapConv2d)
     assert list(plain.state_dict()) == list(fast.state_dict())  # checkpoints and ImageNet weights fit either way
     images = torch.randn(4, 1, 28, 28)
     for model in (fast, plain):
@@ -93,6 +88,20 @@ def test_centre_tap_convolutions_give_the_plain_convolutions_outputs_and_gradien
     grads_plain = torch.autograd.grad(out_plain.square().sum(), list(plain.parameters()))
     for got, want in zip(grads_fast, grads_plain, strict=True):  # float rounding differs between the two kernels
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4 * float(want.abs().max()) + 1e-6)
+
+
+def test_the_centre_taps_callback_swaps_the_tasks_model_in_place_and_leaves_other_models_alone():
+    task = instantiate(compose_config("task.model.backbone.pretrained=false").task)
+    names = list(task.state_dict())
+    weight = task.model.backbone.net.layer4[1].conv2.weight
+    CentreTaps().setup(None, task, "fit")
+    assert isinstance(task.model.backbone.net.layer4[1].conv2, CentreTapConv2d)
+    assert task.model.backbone.net.layer4[1].conv2.weight is weight  # the same parameter, not a copy
+    assert list(task.state_dict()) == names
+    # A copier's backbone with no 3x3 stride-1 convolution: nothing to swap, nothing changed.
+    other = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 5, padding=2), torch.nn.Conv2d(8, 8, 3, stride=2))
+    assert swap_centre_taps(other) == 0
+    assert [type(m) for m in other] == [torch.nn.Conv2d, torch.nn.Conv2d]
 
 
 def test_the_digits_stems_feed_the_same_trunk_at_7x7_or_14x14():

@@ -7,26 +7,32 @@ from conftest import TINY_RUN, compose_config, quiet_trainer, run_train
 from hydra.utils import instantiate
 
 from mnist_extras import speed
-from mnist_extras.errors import command_line
 from mnist_extras.speed import PLAIN, MeasuredSpeed, Setting, candidate_settings, trains
 
 
 def tiny_fit(task, mnist_dir, **trainer_args):
-    datamodule = instantiate(compose_config("data_module.batch_size=8").data_module, data_dir=str(mnist_dir))
+    datamodule = instantiate(compose_config("data_module.batch_size=8", "data_module.num_workers=0").data_module, data_dir=str(mnist_dir))
     trainer = quiet_trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0, **trainer_args)
     trainer.fit(task, datamodule=datamodule)
     return trainer
 
 
-def auto_task():
-    return instantiate(compose_config("task.model.backbone.pretrained=false", "task.speed=auto").task)
+def plain_task():
+    return instantiate(compose_config("task.model.backbone.pretrained=false").task)
+
+
+def test_callbacks_speed_adds_the_measurement_and_the_centre_taps_to_the_default_callbacks():
+    chosen = compose_config("callbacks=speed").callbacks
+    default = compose_config("callbacks=default").callbacks
+    assert list(chosen) == [*default, "centre_taps", "measured_speed"]  # the taps are in before the measurement
+    assert instantiate(chosen.measured_speed).__class__ is MeasuredSpeed
 
 
 def test_auto_applies_its_choice_caches_it_and_reads_it_back(mnist_dir, tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    caplog.set_level(logging.INFO, logger="speed")
-    task = auto_task()
-    trainer = tiny_fit(task, mnist_dir)
+    caplog.set_level(logging.INFO, logger="mnist_extras.speed")
+    task = plain_task()
+    trainer = tiny_fit(task, mnist_dir, callbacks=[MeasuredSpeed()])
 
     (entry,) = json.loads((tmp_path / "mnist-hydra-lightning" / "speed.json").read_text()).values()
     choice = Setting(**entry["choice"])
@@ -39,7 +45,7 @@ def test_auto_applies_its_choice_caches_it_and_reads_it_back(mnist_dir, tmp_path
 
     caplog.clear()
     monkeypatch.setattr(speed, "measure", lambda *args: pytest.fail("measured again despite the cache"))
-    tiny_fit(auto_task(), mnist_dir)
+    tiny_fit(plain_task(), mnist_dir, callbacks=[MeasuredSpeed()])
     assert any(f"speed: {choice}, measured on this machine" in r.message for r in caplog.records)
 
 
@@ -50,8 +56,7 @@ def test_the_fastest_setting_that_trains_correctly_wins(mnist_dir, tmp_path, mon
     losses[fast_wrong] = (2.3, float("nan"))
     monkeypatch.setattr(speed, "measure", lambda *args: (speeds, losses))
     callback = MeasuredSpeed(cache=tmp_path / "speed.json")
-    trainer = tiny_fit(instantiate(compose_config("task.model.backbone.pretrained=false").task), mnist_dir,
-                       callbacks=[callback])  # fmt: skip
+    trainer = tiny_fit(plain_task(), mnist_dir, callbacks=[callback])
     assert trainer.precision == "bf16-mixed"
     (entry,) = json.loads((tmp_path / "speed.json").read_text()).values()
     assert entry["choice"] == {"precision": "bf16-mixed", "channels_last": False}
@@ -63,8 +68,7 @@ def test_when_no_setting_learns_the_settings_given_are_kept(mnist_dir, tmp_path,
     candidates = candidate_settings(PLAIN, torch.device("cpu"))
     speeds = {c: 100.0 + i for i, c in enumerate(candidates)}
     monkeypatch.setattr(speed, "measure", lambda *args: (speeds, {c: (2.3, 2.4) for c in candidates}))
-    task = instantiate(compose_config("task.model.backbone.pretrained=false").task)
-    trainer = tiny_fit(task, mnist_dir, callbacks=[MeasuredSpeed(cache=tmp_path / "speed.json")])
+    trainer = tiny_fit(plain_task(), mnist_dir, callbacks=[MeasuredSpeed(cache=tmp_path / "speed.json")])
     assert trainer.precision == PLAIN
     (entry,) = json.loads((tmp_path / "speed.json").read_text()).values()
     assert entry["choice"] == {"precision": PLAIN, "channels_last": False}
@@ -87,21 +91,19 @@ def test_training_correctly_means_32_bits_first_loss_then_a_lower_finite_one():
     assert not trains((float("inf"), 0.5), reference)
 
 
-def test_task_speed_needs_no_plus_on_the_command_line():
-    assert command_line(["task.speed=auto"]) == ["++task.speed=auto"]
-    assert command_line(command_line(["task.speed=auto"])) == ["++task.speed=auto"]
-
-
 @pytest.mark.slow
-def test_auto_speed_run_resumes_from_its_checkpoint(mnist_dir, tmp_path):
+def test_a_measured_speed_run_resumes_from_its_checkpoint(mnist_dir, tmp_path):
     env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
     run_dir = tmp_path / "run"
-    args = [*TINY_RUN, f"data_module.data_dir={mnist_dir}", "data_module.batch_size=16", "task.speed=auto"]
-    first = run_train(*args, f"hydra.run.dir={run_dir}", "seed=1", env=env)
+    args = [*TINY_RUN, f"data_module.data_dir={mnist_dir}", "data_module.batch_size=16", "callbacks=speed"]
+    first = run_train(*args, f"hydra.run.dir={run_dir}", "+seed=1", env=env)
     assert first.returncode == 0, first.stderr
     log = (run_dir / "train.log").read_text()
     assert "measured in" in log.split("speed: ", 1)[1].splitlines()[0]
-    resumed = run_train(f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "trainer.max_epochs=2", env=env)
+    resumed = run_train(
+        *args, f"hydra.run.dir={run_dir}", "+seed=1", f"+ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
+        "trainer.max_epochs=2", env=env,
+    )  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr
     log = (run_dir / "train.log").read_text()
     assert "measured on this machine" in log  # the second start reads the cache
