@@ -63,7 +63,10 @@ def mark_interrupted(run_dir: Path, message: str) -> None:
 def rank_zero() -> bool:
     """Lightning's rule for the main process (pytorch_lightning.utilities.rank_zero_only.rank),
     read from the same variables without importing torch."""
-    rank = next((os.environ[key] for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK") if key in os.environ), "0")
+    rank = next(
+        (os.environ[key] for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK") if key in os.environ),
+        "0",
+    )
     return int(rank) == 0
 
 
@@ -197,7 +200,7 @@ def failure(job_return: JobReturn) -> BaseException:
     """A failed job's exception: Hydra's public getter raises it."""
     try:
         with contextlib.redirect_stderr(io.StringIO()):  # the getter also prints the overrides
-            job_return.return_value
+            _ = job_return.return_value
     except BaseException as err:  # noqa: BLE001 - whatever the job raised is what it failed with
         return err
     return RuntimeError("the job failed")

@@ -33,6 +33,7 @@ from rich.table import Table
 from rich.text import Text
 
 from mnist_extras.records import RECORD, read_record, write_record
+
 # "overrides" holds only the overrides that differ between the jobs; the others are in
 # "common overrides", printed once above each table.
 SUMMARY_COLUMNS = [
@@ -325,7 +326,7 @@ def failure_line(job_return: JobReturn) -> str:
     """`Type: first line` of a failed job's exception (Hydra's public getter raises it)."""
     try:
         with contextlib.redirect_stderr(io.StringIO()):  # the getter also prints the job's overrides
-            job_return.return_value
+            _ = job_return.return_value
     except BaseException as error:  # noqa: BLE001 - whatever the job raised is what it failed with
         text = str(error).strip()
         first_line = text.splitlines()[0] if text else ""

@@ -108,7 +108,8 @@ def test_a_fresh_run_in_a_used_folder_keeps_nothing_of_the_earlier_run(tmp_path,
 
     assert record["status"] == "failed"
     assert record["error"] == "RuntimeError: boom"
-    assert "metrics" not in record and "epochs" not in record
+    assert "metrics" not in record
+    assert "epochs" not in record
     assert record["wall_time_s"] < 60
     assert record["seed"] == 0  # train.py's default
 
@@ -145,7 +146,10 @@ def test_other_ranks_write_nothing_and_an_interrupt_is_marked(tmp_path, monkeypa
 
     write_record(tmp_path, {"status": "running"})
     mark_interrupted(tmp_path, "SIGTERM at epoch 1; continue with: python train.py ...")
-    assert read_record(tmp_path) == {"status": "interrupted", "error": "SIGTERM at epoch 1; continue with: python train.py ..."}
+    assert read_record(tmp_path) == {
+        "status": "interrupted",
+        "error": "SIGTERM at epoch 1; continue with: python train.py ...",
+    }
 
 
 def test_a_command_into_a_folder_in_use_is_refused_in_one_line_and_changes_no_record(tmp_path, mnist_dir):
@@ -158,7 +162,8 @@ def test_a_command_into_a_folder_in_use_is_refused_in_one_line_and_changes_no_re
 
     assert result.returncode == 2
     assert result.stderr.splitlines()[-1] == (
-        f"error: hydra.run.dir={run_dir}: a run is using this folder now; fix: wait for it, or pick another hydra.run.dir"
+        f"error: hydra.run.dir={run_dir}: a run is using this folder now; "
+        "fix: wait for it, or pick another hydra.run.dir"
     )
     assert (run_dir / "run.json").read_bytes() == before
     assert sorted(p.name for p in run_dir.iterdir()) == [".run.lock", "run.json"]  # nor .hydra/ or a log
@@ -187,7 +192,8 @@ def test_two_fresh_runs_into_one_folder_leave_the_record_of_the_second_alone(tmp
     assert record["status"] == "failed"
     assert record["seed"] == 0
     assert "+seed=1" not in record["overrides"]
-    assert "metrics" not in record and "epochs" not in record
+    assert "metrics" not in record
+    assert "epochs" not in record
     assert record["wall_time_s"] < elapsed  # not the sum of both runs
 
 
@@ -256,7 +262,10 @@ def launcher(tmp_path, monkeypatch):
     monkeypatch.setattr(subprocess_launcher, "run_teeing_stderr", fake_job)
     launcher = SubprocessLauncher()
     launcher.config = OmegaConf.create(
-        {"optimized_metric": "val/acc_best", "hydra": {"sweeper": {"_target_": "OptunaSweeper"}, "overrides": {"hydra": []}}}
+        {
+            "optimized_metric": "val/acc_best",
+            "hydra": {"sweeper": {"_target_": "OptunaSweeper"}, "overrides": {"hydra": []}},
+        }
     )
     launcher.commands = commands
     return launcher
@@ -284,18 +293,23 @@ def test_the_launcher_returns_failures_as_hydra_does(launcher, tmp_path):
     failed_job = launcher.job_return({"status": "failed", "error": "error: x=1: bad; fix: x=2"})
     assert failed_job.status == JobStatus.FAILED
     with pytest.raises(JobFailed, match="x=1: bad"):
-        failed_job.return_value
+        _ = failed_job.return_value
     no_metric = launcher.job_return({"status": "completed", "metrics": {}})
     assert no_metric.status == JobStatus.FAILED
     with pytest.raises(JobFailed, match="no val/acc_best"):
-        no_metric.return_value
+        _ = no_metric.return_value
 
 
 def test_the_launcher_records_a_job_that_died_without_a_word(launcher, tmp_path, monkeypatch):
     monkeypatch.setattr(subprocess_launcher, "run_teeing_stderr", lambda command: (-9, ["Killed"]))
     ret = launcher.run_job(["lr=1"], tmp_path / "0", 0, tmp_path)
     assert ret.status == JobStatus.FAILED
-    assert read_record(tmp_path / "0") == {"overrides": ["lr=1"], "status": "failed", "error": "Killed", "wall_time_s": pytest.approx(0, abs=5)}
+    assert read_record(tmp_path / "0") == {
+        "overrides": ["lr=1"],
+        "status": "failed",
+        "error": "Killed",
+        "wall_time_s": pytest.approx(0, abs=5),
+    }
 
 
 def test_the_launcher_stops_the_sweep_when_a_job_refuses_its_config(launcher, tmp_path, monkeypatch):

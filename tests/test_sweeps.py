@@ -306,4 +306,5 @@ def test_the_plot_is_scaled_to_the_accuracies_so_close_runs_look_different(tmp_p
     write_summary(make_sweep(tmp_path, [record("lr=1", val=0.985, test=0.98), record("lr=2", val=0.995, test=0.99)]))
 
     ((low, high),) = limits
-    assert 0.9 < low < 0.98 and 0.995 < high < 1.05
+    assert 0.9 < low < 0.98
+    assert 0.995 < high < 1.05
