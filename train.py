@@ -20,7 +20,6 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 def train(cfg: DictConfig) -> dict[str, float]:
     import pytorch_lightning as pl
     from pytorch_lightning.utilities import rank_zero_info as say  # once, not once per DDP process
-
     run_dir = HydraConfig.get().runtime.output_dir
     pl.seed_everything(cfg.get("seed", 0), workers=True, verbose=False)
     built = {}
@@ -37,9 +36,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     say(f"Instantiating trainer <{cfg.trainer._target_}>")
     trainer = instantiate(cfg.trainer, default_root_dir=run_dir, callbacks=callbacks, logger=loggers)
     trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    fitted = dict(trainer.callback_metrics)  # trainer.test starts them afresh
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""  # none: fast_dev_run
     trainer.test(task, datamodule=datamodule, ckpt_path=best or None, weights_only=True, verbose=False)
-    metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
+    metrics = {name: float(value) for name, value in {**fitted, **trainer.callback_metrics}.items()}
     say(f"test accuracy: {metrics.get('test/acc', float('nan')):.4f} ({best or 'last weights'})")  # nan: no test ran
     return metrics
 
