@@ -1,7 +1,6 @@
 """Train an MNIST classifier that Hydra composes from configs/, then test its best checkpoint.
 
-    python train.py trainer=cpu                                        # train and test on the CPU
-    python train.py task.model.backbone=resnet50                       # pick a config-group option
+    python train.py trainer=cpu task.model.backbone=resnet50           # pick config-group options
     python train.py -m task.model.backbone=resnet18,resnet34,resnet50  # one run per backbone
     python train.py --cfg job                                          # print the composed config
 """
@@ -45,8 +44,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")
-def main(cfg: DictConfig) -> float | None:
-    return train(cfg).get(cfg.get("optimized_metric"))  # what a hyper-parameter search maximises
+def main(cfg: DictConfig) -> dict[str, float] | float:
+    metrics = train(cfg)  # Hydra hands the return value to its callbacks (run.json) and to a search's sweeper
+    return metrics[cfg.optimized_metric] if "optimized_metric" in cfg else metrics
 
 
 def as_group_choice(arg: str) -> str:  # the spec's `task.model.backbone=resnet50` is `task/model/backbone=resnet50`

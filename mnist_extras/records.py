@@ -144,9 +144,11 @@ class RunRecord(Callback):
             if epochs is not None:
                 self.record["epochs"] = epochs
         if job_return.status == JobStatus.COMPLETED:
-            objective = job_return.return_value  # main returns cfg.optimized_metric's value
-            if isinstance(objective, int | float):
-                self.record.setdefault("metrics", {})["objective"] = float(objective)
+            returned = job_return.return_value  # main returns the run's metrics, or a search's objective
+            if isinstance(returned, dict):  # fast_dev_run writes no metrics.csv: this is all there is
+                self.record["metrics"] = {**self.record.get("metrics", {}), **returned}
+            elif isinstance(returned, int | float):
+                self.record.setdefault("metrics", {})["objective"] = float(returned)
             self.record["status"] = "completed"
         else:
             self.record.update(status="failed", error=error_line(failure(job_return)))
