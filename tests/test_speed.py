@@ -3,11 +3,13 @@ import logging
 
 import pytest
 import torch
-from conftest import TINY_RUN, compose_config, quiet_trainer, run_train
+from conftest import TINY_RUN, compose_config, quiet_trainer
 from hydra.utils import instantiate
+from test_train import train_config
 
 from mnist_extras import speed
 from mnist_extras.speed import PLAIN, MeasuredSpeed, Setting, candidate_settings, trains
+from train import train
 
 
 def tiny_fit(task, mnist_dir, **trainer_args):
@@ -32,7 +34,7 @@ def test_auto_applies_its_choice_caches_it_and_reads_it_back(mnist_dir, tmp_path
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     caplog.set_level(logging.INFO, logger="mnist_extras.speed")
     task = plain_task()
-    trainer = tiny_fit(task, mnist_dir, callbacks=[MeasuredSpeed()])
+    trainer = tiny_fit(task, mnist_dir, callbacks=[MeasuredSpeed(steps=1)])
 
     (entry,) = json.loads((tmp_path / "mnist-hydra-lightning" / "speed.json").read_text()).values()
     choice = Setting(**entry["choice"])
@@ -40,12 +42,12 @@ def test_auto_applies_its_choice_caches_it_and_reads_it_back(mnist_dir, tmp_path
     assert trainer.precision == choice.precision
     weight = task.model.backbone.net.layer1[0].conv1.weight  # 64 input channels: the layouts differ
     assert weight.is_contiguous(memory_format=torch.channels_last) == choice.channels_last
-    assert "images/s over 3 steps of 8" in entry["why"]
+    assert "images/s over 1 steps of 8" in entry["why"]
     assert any(r.message.startswith(f"speed: {choice}, measured in") for r in caplog.records)
 
     caplog.clear()
     monkeypatch.setattr(speed, "measure", lambda *args: pytest.fail("measured again despite the cache"))
-    tiny_fit(plain_task(), mnist_dir, callbacks=[MeasuredSpeed()])
+    tiny_fit(plain_task(), mnist_dir, callbacks=[MeasuredSpeed(steps=1)])
     assert any(f"speed: {choice}, measured on this machine" in r.message for r in caplog.records)
 
 
@@ -91,22 +93,18 @@ def test_training_correctly_means_32_bits_first_loss_then_a_lower_finite_one():
     assert not trains((float("inf"), 0.5), reference)
 
 
-@pytest.mark.slow
-def test_a_measured_speed_run_resumes_from_its_checkpoint(mnist_dir, tmp_path):
-    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+# The same folder: the run continues there.
+@pytest.mark.filterwarnings("ignore:Experiment logs directory", "ignore:Checkpoint directory")
+def test_a_measured_speed_run_resumes_from_its_checkpoint(mnist_dir, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    caplog.set_level(logging.INFO, logger="mnist_extras.speed")
     run_dir = tmp_path / "run"
-    args = [*TINY_RUN, f"data_module.data_dir={mnist_dir}", "data_module.batch_size=16", "callbacks=speed"]
-    first = run_train(*args, f"hydra.run.dir={run_dir}", "+seed=1", env=env)
-    assert first.returncode == 0, first.stderr
-    log = (run_dir / "train.log").read_text()
-    assert "measured in" in log.split("speed: ", 1)[1].splitlines()[0]
-    resumed = run_train(
-        *args, f"hydra.run.dir={run_dir}", "+seed=1", f"+ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
-        "trainer.max_epochs=2", env=env,
-    )  # fmt: skip
-    assert resumed.returncode == 0, resumed.stderr
-    log = (run_dir / "train.log").read_text()
-    assert "measured on this machine" in log  # the second start reads the cache
-    record = json.loads((run_dir / "run.json").read_text())
-    assert record["status"] == "completed"
-    assert record["metrics"]["test/acc"] > 0
+    args = [*TINY_RUN, "trainer.log_every_n_steps=1", "data_module.batch_size=16", "callbacks=speed", "+seed=1"]
+    args.append("callbacks.measured_speed.steps=1")
+    train(train_config(run_dir, mnist_dir, *args))
+    assert "measured in" in caplog.text
+    caplog.clear()
+    last = run_dir / "checkpoints" / "last.ckpt"
+    resumed = train(train_config(run_dir, mnist_dir, *args, "trainer.max_epochs=2", f"+ckpt_path={last}"))
+    assert "measured on this machine" in caplog.text  # the second start reads the cache
+    assert resumed["test/acc"] > 0
