@@ -23,8 +23,8 @@ from hydra.utils import instantiate
 
 from bench.fits import bare_trainer, recipe
 from bench.machine import describe
+from mnist_extras.errors import quiet_libraries
 from mnist_extras.layers import CentreTaps, swap_centre_taps
-from mnist_extras.records import quiet_libraries
 from mnist_extras.speed import MeasuredSpeed
 
 

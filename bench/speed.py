@@ -21,9 +21,9 @@ import torch
 from hydra.utils import instantiate
 
 from bench.fits import bare_trainer, recipe
-from bench.machine import describe
-from mnist_extras.records import quiet_libraries
 from bench.gpu import mnist_99_with
+from bench.machine import describe
+from mnist_extras.errors import quiet_libraries
 from mnist_extras.layers import swap_centre_taps
 from mnist_extras.speed import MeasuredSpeed, Setting, cache_file, read_cache
 
