@@ -241,13 +241,15 @@ def check_processes(cfg: DictConfig, launcher: str | None = None, launcher_choic
         )
     if launcher is None or launcher in OWN_PROCESS_LAUNCHERS:
         return
-    devices = trainer.get("devices", "auto")  # one process per device: a count, or a list of indices ("0,1", "0,")
+    devices = trainer.get("devices", "auto")  # one process per device
     if str(devices) in ("-1", "auto"):
         gpus = str(trainer.get("accelerator", "auto")) in ("gpu", "cuda", "auto")
         processes = max(__import__("torch").cuda.device_count(), 1) if gpus else 1
-    else:
-        indices = list(devices) if isinstance(devices, ListConfig) else str(devices).split(",")
-        processes = len([i for i in indices if str(i).strip()]) if len(indices) > 1 else int(indices[0])
+    elif isinstance(devices, ListConfig):
+        processes = len(devices)
+    else:  # "2" is a count, "0,1" and "0," list device indices
+        indices = str(devices).split(",")
+        processes = len([i for i in indices if i.strip()]) if len(indices) > 1 else int(devices)
     if processes < 2:
         return
     raise ConfigError(
