@@ -30,7 +30,7 @@ class StopOnDivergence(pl.Callback):
         if trainer.strategy.reduce_boolean_decision(diverged, all=False):
             lr = getattr(getattr(pl_module, "optimizer", None), "keywords", {}).get("lr")
             raise Diverged(
-                f"the training loss became nan or inf by step {trainer.global_step}"
+                f"the training loss became nan or inf by step {trainer.global_step - 1}"  # the step just taken
                 + (f" with task.optimizer.lr={lr}" if lr is not None else "")
                 + ", so the learning rate is likely too high (or a batch holds bad values)"
             )

