@@ -1,7 +1,4 @@
-"""Batch augmentation on the device: each training digit moved, turned, scaled and bent a little.
-
-    data_module._target_: mnist_extras.augment.AugmentedMNISTDataModule   (configs/experiment/mnist_995.yaml)
-"""
+"""Batch augmentation on the device, a data module named by `_target_` (configs/experiment/mnist_995.yaml)."""
 
 from typing import Any
 
@@ -14,17 +11,10 @@ from data_modules import MNISTDataModule
 
 
 class AugmentedMNISTDataModule(MNISTDataModule):
-    """MNISTDataModule whose training batches are warped on their device, after the transfer.
-
-    `augment=True` moves, turns and scales each training digit a little; `elastic` (in pixels)
-    adds a smooth random bend on top, as handwriting varies (Simard et al. 2003). Validation and
-    test batches are left as they are.
-
-    The draws come from a generator of its own, seeded with the run's seed plus the process's
-    global rank: under DDP every rank sees its own warps (the weights stay identical, DDP
-    broadcasts rank 0's). Its state goes into checkpoints, so a resumed run draws what the
-    uninterrupted one would have.
-    """
+    """Training batches warped on their device: `augment=True` moves, turns and scales each digit a little,
+    `elastic` (pixels) bends it too, as handwriting varies (Simard et al. 2003). The draws come from a
+    generator seeded with the run's seed plus the global rank (under DDP each rank warps its own), whose
+    state goes into checkpoints: a resumed run draws what the uninterrupted one would have."""
 
     def __init__(self, *args: Any, augment: bool = False, elastic: float = 0.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -41,7 +31,8 @@ class AugmentedMNISTDataModule(MNISTDataModule):
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if self.augment and not isinstance(batch, Tensor) and self.trainer is not None and self.trainer.training:
             images, labels = batch
-            batch = random_warp(images.float(), elastic=self.elastic, generator=self.generator_on(images.device)), labels
+            images = random_warp(images.float(), elastic=self.elastic, generator=self.generator_on(images.device))
+            batch = images, labels
         return super().on_after_batch_transfer(batch, dataloader_idx)
 
     def generator_on(self, device: torch.device) -> torch.Generator:
@@ -67,18 +58,10 @@ class AugmentedMNISTDataModule(MNISTDataModule):
         self.generator = None
 
 
-def random_warp(
-    images: Tensor,
-    degrees: float = 10.0,
-    shift: float = 0.1,
-    scale: float = 0.1,
-    elastic: float = 0.0,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """Each image of a float batch (B, 1, H, W) rotated by up to `degrees`, shifted by up to `shift`
-    of its size, scaled by 1 +- `scale` and bent by a smooth field of about `elastic` pixels, in one
-    `grid_sample` call; the border stays black. The draws come from `generator` (torch's default
-    one if None), which must be on the images' device."""
+def random_warp(images: Tensor, degrees=10.0, shift=0.1, scale=0.1, elastic=0.0, generator=None) -> Tensor:
+    """A float batch (B, 1, H, W), each image turned by up to `degrees`, shifted by up to `shift` of its
+    size, scaled by 1 +- `scale` and bent by about `elastic` pixels, in one `grid_sample`; the border
+    stays black. `generator` (torch's default if None) must be on the images' device."""
     batch, _, height, width = images.shape
     device, g = images.device, generator
     angle = torch.empty(batch, device=device).uniform_(-degrees, degrees, generator=g).deg2rad_()
