@@ -100,6 +100,7 @@ class RunRecord(Callback):
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if self.run_dir is None or Path(config.hydra.runtime.output_dir) != self.run_dir:
             return  # another rank, or a job this process did not start
+        self.record = {**(read_record(self.run_dir) or {}), **self.record}  # keys Lightning callbacks added
         csv_file = self.run_dir / "metrics.csv"
         # fast_dev_run writes no metrics.csv: one left by an earlier run is not this run's.
         fresh = csv_file.is_file() and csv_file.stat().st_mtime >= self.started
