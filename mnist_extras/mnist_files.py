@@ -163,6 +163,7 @@ def download_with_torchvision(folder: Path) -> Path:
 class NumpyOnlyUnpickler(pickle.Unpickler):
     """Unpickles numpy arrays and nothing else: a pickle can otherwise run any code."""
 
+    # A pickled array names numpy's private `_reconstruct` itself: the allow-list must name it too.
     ALLOWED = {"dtype": np.dtype, "ndarray": np.ndarray, "_reconstruct": np._core.multiarray._reconstruct}
 
     def find_class(self, module: str, name: str) -> object:
