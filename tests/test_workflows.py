@@ -140,7 +140,7 @@ def test_a_nan_loss_stops_the_run_with_diverged(tmp_path, mnist_dir):
 
     sys.path.insert(0, str(Path(__file__).parent))
     try:
-        with pytest.raises(Diverged, match="the training loss became nan or inf by step 1"):
+        with pytest.raises(Diverged, match="the training loss became nan or inf by step 0"):
             train_here(
                 tmp_path / "run",
                 "task.loss_function._target_=diverging_loss.NaNFromStep",
@@ -364,7 +364,7 @@ def test_optuna_search_reports_its_trials_and_the_same_command_continues_its_stu
     sweep_dir = tmp_path / "optuna"
     search = [
         "-m",
-        "hparams_search=mnist_optuna",
+        "hparams_search=mnist_optuna_resumable",  # the study in optuna.db: the same command continues it
         "++trainer.fast_dev_run=true",  # a smoke test of the search: no checkpoint, one validation
         *TINY_RUN,
         f"data_module.data_dir={mnist_dir}",
