@@ -23,8 +23,8 @@ from bench.machine import describe
 from data_modules import MNISTDataModule, normalize
 from heads import IdentityHead
 from loss_functions import CrossEntropyLoss
-from models import SimpleModel
 from mnist_extras.tracking import ProgressLines
+from models import SimpleModel
 from tasks import MNISTClassification
 
 

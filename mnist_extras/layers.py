@@ -19,7 +19,8 @@ class CentreTapConv2d(nn.Conv2d):
     def fits(conv: nn.Module) -> bool:
         return (
             type(conv) is nn.Conv2d
-            and (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups) == ((3, 3), (1, 1), (1, 1), (1, 1), 1)
+            and (conv.kernel_size, conv.stride, conv.padding, conv.dilation) == ((3, 3), (1, 1), (1, 1), (1, 1))
+            and conv.groups == 1
             and conv.padding_mode == "zeros"
         )  # fmt: skip
 

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
 from conftest import PROJECT_DIR
+from omegaconf import OmegaConf
 
 EXPECTED = (Path(__file__).parent / "expected_config.yaml").read_text()
 EXTRAS = ("mnist_extras", "hydra_plugins")

@@ -32,7 +32,8 @@ def test_offline_source_builds_the_original_files_in_an_empty_folder(tmp_path, m
 
 def test_two_runs_preparing_one_folder_at_once_both_succeed(tmp_path):
     raw = tmp_path / "MNIST" / "raw"
-    code = f"from pathlib import Path; from mnist_extras.mnist_files import prepare_mnist; prepare_mnist(Path({str(raw)!r}))"
+    code = "from pathlib import Path; from mnist_extras.mnist_files import prepare_mnist; "
+    code += f"prepare_mnist(Path({str(raw)!r}))"
     runs = [subprocess.Popen([sys.executable, "-c", code], cwd=PROJECT_DIR, stderr=subprocess.PIPE) for _ in range(2)]
     for run in runs:
         _, err = run.communicate(timeout=600)
@@ -42,7 +43,8 @@ def test_two_runs_preparing_one_folder_at_once_both_succeed(tmp_path):
 
 def test_the_file_checks_import_neither_torch_nor_torchvision():
     # Torch-free code (the config checks) reads RAW_FILES from mnist_files.
-    code = "import sys, mnist_extras.mnist_files; print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))"
+    code = "import sys, mnist_extras.mnist_files; "
+    code += "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_DIR, capture_output=True, text=True)
     assert result.stdout.strip() == "[]", result.stderr
 
@@ -111,7 +113,8 @@ def test_split_is_55000_5000_and_the_official_test_set(mnist):
     assert images.shape[1:] == (1, 28, 28)
     for split in (mnist.train_set, mnist.val_set, mnist.test_set):  # every digit in every split
         share = torch.bincount(split.tensors[1], minlength=10).float() / len(split)
-        assert 0.08 < share.min() and share.max() < 0.12
+        assert share.min() > 0.08
+        assert share.max() < 0.12
 
 
 def test_split_is_fixed_and_disjoint(mnist, mnist_dir):

@@ -13,7 +13,8 @@ from train import train
 
 
 def tiny_fit(task, mnist_dir, **trainer_args):
-    datamodule = instantiate(compose_config("data_module.batch_size=8", "data_module.num_workers=0").data_module, data_dir=str(mnist_dir))
+    cfg = compose_config("data_module.batch_size=8", "data_module.num_workers=0")
+    datamodule = instantiate(cfg.data_module, data_dir=str(mnist_dir))
     trainer = quiet_trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0, **trainer_args)
     trainer.fit(task, datamodule=datamodule)
     return trainer
