@@ -98,11 +98,12 @@ def test_a_ddp_run_continues_in_both_processes_and_extends_its_record(ddp_run, m
 
 
 @pytest.mark.slow
-def test_eval_of_a_ddp_checkpoint_on_two_processes_covers_the_whole_test_set(ddp_run, tmp_path):
+def test_eval_of_a_ddp_checkpoint_on_two_processes_covers_the_whole_test_set(ddp_run, tmp_path, mnist_dir):
     run_dir, _ = ddp_run
     result = run_train(
         f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
         "trainer=ddp_cpu",
+        f"data_module.data_dir={mnist_dir}",
         f"hydra.run.dir={tmp_path / 'eval'}",
         script="eval.py",
     )
