@@ -101,12 +101,14 @@ class ErrorLines(Callback):
 
 
 def quiet_lightning(record: logging.LogRecord) -> bool:
-    return not str(record.msg).startswith(("💡 Tip:", "Trainer already configured with model summary"))
+    noise = ("💡 Tip:", "Trainer already configured with model summary", "Loading `train_dataloader` to estimate")
+    return not str(record.msg).startswith(noise)
 
 
 def quiet_libraries() -> None:
     # torch deprecates an API Lightning calls; Lightning advertises its cloud, repeats that a model summary is set,
-    # and doubts its size under mixed precision (where the weights stay 32-bit, so the size is right).
+    # says how it counts a schedule's steps, and doubts its size under mixed precision (where the weights stay
+    # 32-bit, so the size is right).
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     warnings.filterwarnings("ignore", message=r"Precision \S+-mixed is not supported by the model summary")
     logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(quiet_lightning)  # added once
