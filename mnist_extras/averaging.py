@@ -9,18 +9,10 @@ from pytorch_lightning.trainer.states import TrainerFn
 
 
 class MovingAverage(WeightAveraging):
-    """An exponential moving average of the weights (and BatchNorm statistics), updated after every
-    step: validation, checkpoints (and so the test of the best one, `eval.py` and `predict.py`) use
-    the averaged weights, and a resumed run continues both.
-
-    Early steps keep less of the past (`decay` rises as (1 + n) / (10 + n) towards its value, as in
-    timm's ModelEmaV3), so the first epochs validate an average of recent weights rather than one
-    still a third made of the random initial ones (0.99 ** 107 after one epoch at batch 512).
-
-    Lightning's callback loads the raw weights back whenever a checkpoint is loaded while it holds
-    an average, which includes `trainer.test(ckpt_path=best)` after fitting: the test would score
-    the raw weights. Here only a resumed fit restores them.
-    """
+    """An exponential moving average of the weights and BatchNorm statistics, updated every step; validation
+    and checkpoints use it. `decay` rises as (1 + n) / (10 + n) (timm's ModelEmaV3), so early epochs do not
+    validate the random initial weights. Lightning's callback loads the raw weights back whenever a checkpoint
+    is loaded, the test of the best one too: here only a resumed fit does."""
 
     def __init__(self, decay: float = 0.99) -> None:
         super().__init__(multi_avg_fn=partial(moving_average_step, decay=decay))
