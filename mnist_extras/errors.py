@@ -111,6 +111,8 @@ def quiet_libraries() -> None:
     # 32-bit, so the size is right).
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     warnings.filterwarnings("ignore", message=r"Precision \S+-mixed is not supported by the model summary")
+    # metrics.csv sits in the run folder beside .hydra/: a fresh run there is meant to start its file afresh.
+    warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
     logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(quiet_lightning)  # added once
 
 
