@@ -282,6 +282,11 @@ def check_config(cfg: DictConfig, fixes: Fixes, launcher: str | None = None, cho
     check_processes(cfg, launcher, choice)
     if launcher == SLURM:
         return
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path not in (None, "last", "best", "hpc"):  # Lightning's names; a file must be a checkpoint of train.py
+        from mnist_extras.loading import read_checkpoint, resolve
+
+        read_checkpoint(resolve(str(ckpt_path)))
     accelerator = cfg.get("trainer", {}).get("accelerator")
     if accelerator in ("gpu", "cuda") and not __import__("torch").cuda.is_available():
         raise ConfigError(

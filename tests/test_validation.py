@@ -321,3 +321,18 @@ def test_an_error_in_the_run_ends_in_its_line_on_the_terminal_and_in_the_log(tmp
     assert line.startswith("error: trainer.limit_train_batches: You have passed invalid value 1.5")
     assert "Error executing job" not in result.stderr
     assert line in (run_dir / "train.log").read_text()
+
+
+@pytest.mark.parametrize(
+    ("content", "said"), [(b"hello", "it is a text file, not a checkpoint"), (None, "no such file")]
+)
+def test_a_ckpt_path_that_is_no_checkpoint_stops_the_run_in_one_line(tmp_path, content, said):
+    path = tmp_path / "not.ckpt"
+    if content is not None:
+        path.write_bytes(content)
+    result = run_train("trainer=cpu", f"+ckpt_path={path}", f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: ckpt_path={path}: {said}; fix: pass a checkpoint written by train.py"
+    ]
+    assert not (tmp_path / "run").exists()
