@@ -1,5 +1,6 @@
 """MNIST as a LightningDataModule, kept in memory as uint8 and normalised a batch at a time."""
 
+import os
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -82,7 +83,8 @@ class MNISTDataModule(pl.LightningDataModule):
         if isinstance(dataset, DeviceTensors):
             settings = {"collate_fn": DeviceTensors.collate}
         else:
-            settings = {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0}
+            workers = min(self.num_workers, len(os.sched_getaffinity(0)))  # more than the cores only contend for them
+            settings = {"num_workers": workers, "persistent_workers": workers > 0}
             settings["pin_memory"] = self.pin_memory and torch.cuda.is_available()
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, drop_last=drop_last, **settings)
 
