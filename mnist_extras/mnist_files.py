@@ -11,7 +11,6 @@ import pickle
 import subprocess
 import sys
 import tempfile
-import traceback
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,8 @@ import numpy as np
 from filelock import BaseFileLock, FileLock, SoftFileLock
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+
+from mnist_extras.errors import exit_on_error
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +51,7 @@ class MNISTFiles(Callback):
         try:
             prepare_mnist(Path(str(data_dir)).expanduser() / "MNIST" / "raw")  # relative to the CWD
         except MNISTUnavailable as err:
-            if os.environ.get("HYDRA_FULL_ERROR") == "1":
-                traceback.print_exc()
-            print(f"error: {err}", file=sys.stderr, flush=True)
-            raise SystemExit(2) from err
+            exit_on_error(err)
 
 
 def prepare_mnist(raw_dir: Path) -> None:
