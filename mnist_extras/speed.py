@@ -75,7 +75,7 @@ class MeasuredSpeed(pl.Callback):
         drops = "".join(f"; {c} dropped, losses {a:.3f} -> {b:.3f}" for c, (a, b) in losses.items() if c not in sound)
         why = f"{speeds[choice] / speeds[plain]:.2f}x {plain} ({rates}{drops}) at load {load:.1f} on {cores} cores"
         if len(sound) > 1 and (reason := noise(times, sound)):  # not cached: the next run measures again
-            log.info("speed: %s (the default), timings disagree: %s; %s would be %s", plain, reason, choice, why)
+            log.info("speed: %s (the default; not cached, timings disagree: %s); %s: %s", plain, reason, choice, why)
             return plain
         log.info("speed: %s, %s, measured in %.0f s, cached in %s", choice, why, time.perf_counter() - t0, self.cache)
         write_cache(self.cache, key, {"choice": asdict(choice), "why": why, "load": round(load, 2), "cores": cores})

@@ -95,7 +95,9 @@ def test_noisy_timings_are_not_cached_and_the_settings_given_are_kept(mnist_dir,
     assert trainer.precision == PLAIN
     assert task.model.backbone.net.layer1[0].conv1.weight.is_contiguous()
     (line,) = speed_lines(caplog)
-    assert line.startswith("speed: 32-true (the default), timings disagree: the first half of the rounds favours")
+    assert line.startswith(
+        "speed: 32-true (the default; not cached, timings disagree: the first half of the rounds favours"
+    )
 
 
 def test_the_halves_of_the_rounds_must_agree_and_the_lead_exceed_their_spread():
