@@ -25,7 +25,7 @@ from bench.gpu import mnist_99_with
 from bench.machine import describe
 from mnist_extras.errors import quiet_libraries
 from mnist_extras.layers import swap_centre_taps
-from mnist_extras.speed import MeasuredSpeed, Setting, cache_file, read_cache
+from mnist_extras.speed import MeasuredSpeed, Setting, read_cache
 
 FIXED = {
     "32-true": ("32-true", False),
@@ -70,20 +70,23 @@ def main() -> None:
             for name, (precision, channels_last) in FIXED.items():
                 run = fit_seconds(args.backbone, args.batch_size, args.steps, precision, channels_last, auto=False)
                 times.setdefault(name, []).append(run)
-            cache_file().unlink(missing_ok=True)
+            MeasuredSpeed().cache.unlink(missing_ok=True)
             times.setdefault("auto, measuring", []).append(
                 fit_seconds(args.backbone, args.batch_size, args.steps, "32-true", False, auto=True)
             )
             times.setdefault("auto, cached", []).append(
                 fit_seconds(args.backbone, args.batch_size, args.steps, "32-true", False, auto=True)
             )
-        (entry,) = read_cache(cache_file()).values()
+        entries = list(read_cache(MeasuredSpeed().cache).values())  # none if the last timings disagreed
     base = statistics.median(times["32-true"])
     print(f"{'setting':28} {'fit s':>7} {'x 32-true':>10}")
     for name, runs in times.items():
         median = statistics.median(runs)
         print(f"{name:28} {median:7.1f} {base / median:10.2f}")
-    print(f"\nauto chose {Setting(**entry['choice'])}, measured {entry['why']}")
+    for entry in entries:
+        print(f"\nauto chose {Setting(**entry['choice'])}, measured {entry['measured']}: {entry['why']}")
+    if not entries:
+        print("\nauto cached nothing: its timings disagreed, so both auto runs measured and ran 32-true")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """`callbacks=speed`: whether bf16 autocast or channels_last pays depends on the chip, so a run times
-them for a few steps on its own model and batch, keeps the fastest that trains correctly, and caches
+them on its own model and batch, keeps the fastest that trains correctly and, if its timings agree, caches
 the choice per machine, model and batch size. A precision given to the trainer (not 32-bit) is kept."""
 
 import copy
@@ -9,11 +9,11 @@ import logging
 import math
 import os
 import platform
-import statistics
 import time
 from dataclasses import asdict, dataclass
-from datetime import date
+from datetime import datetime
 from pathlib import Path
+from statistics import median
 
 import pytorch_lightning as pl
 import torch
@@ -34,50 +34,64 @@ class Setting:
         return self.precision + (" + channels_last" if self.channels_last else "")
 
 
-def cache_file() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mnist-hydra-lightning" / "speed.json"
-
-
 class MeasuredSpeed(pl.Callback):
     """Applies a `Setting` as fit starts, before the model reaches its device; rank zero chooses for all."""
 
-    def __init__(self, cache: Path | None = None, steps: int = 3) -> None:
-        self.cache = cache or cache_file()
-        self.steps = steps
+    def __init__(self, cache: Path | None = None, steps: int = 4, warmup: int = 2) -> None:
+        home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        self.cache, self.steps, self.warmup = cache or home / "mnist-hydra-lightning" / "speed.json", steps, warmup
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        choice = self.choose(trainer, pl_module) if trainer.is_global_zero else None
-        choice = Setting(**trainer.strategy.broadcast(choice and asdict(choice), src=0))
-        if choice.channels_last:
-            pl_module.model.to(memory_format=torch.channels_last)
-        if choice.precision != trainer.precision:
-            trainer.strategy.precision_plugin = MixedPrecision(choice.precision, trainer.strategy.root_device.type)
+        if stage == "fit":
+            choice = self.choose(trainer, pl_module) if trainer.is_global_zero else None
+            choice = Setting(**trainer.strategy.broadcast(choice and asdict(choice), src=0))
+            if choice.channels_last:
+                pl_module.model.to(memory_format=torch.channels_last)
+            if choice.precision != trainer.precision:
+                trainer.strategy.precision_plugin = MixedPrecision(choice.precision, trainer.strategy.root_device.type)
 
     def choose(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Setting:
         device = trainer.strategy.root_device
-        candidates = candidate_settings(trainer.precision, device)
+        candidates, plain = candidate_settings(trainer.precision, device), Setting(trainer.precision)
         batch = trainer.strategy.batch_to_device(next(iter(trainer.datamodule.train_dataloader())))
         images, labels = trainer.datamodule.on_after_batch_transfer(batch, 0)
         key = cache_key(pl_module.model, device, len(labels), trainer.precision)
-        if (cached := read_cache(self.cache).get(key)) and cached["choice"] in [asdict(c) for c in candidates]:
-            log.info("speed: %s, measured on this machine %s (cached in %s; delete it to measure again)",
-                     Setting(**cached["choice"]), cached["why"], self.cache)  # fmt: skip
+        # Under load: other work keeps over half the cores busy (the 1-minute load average less this process's
+        # part, about its CPU seconds / 60); torch runs a thread per core, so steps then time the other work too.
+        load = max(0.0, os.getloadavg()[0] - min(time.process_time() / 60, torch.get_num_threads()))
+        cores, cached = os.cpu_count() or 1, read_cache(self.cache).get(key, {})
+        stale = cached.get("load", math.inf) > cached.get("cores", 1) / 2 and load <= cores / 2  # measure again
+        if "measured" in cached and cached["choice"] in map(asdict, candidates) and not stale:
+            hours = (datetime.now().astimezone() - datetime.fromisoformat(cached["measured"])).total_seconds() / 3600
+            log.info("speed: %s, %s, cached %.1f h ago in %s (delete it to measure again)",
+                     Setting(**cached["choice"]), cached["why"], hours, self.cache)  # fmt: skip
             return Setting(**cached["choice"])
-        start = time.perf_counter()
-        speeds, losses = measure(pl_module, candidates, images, labels, self.steps)
-        plain = Setting(trainer.precision)
-        sound = [c for c in candidates if trains(losses[c], losses[plain])]
-        choice = max(sound, key=speeds.get) if sound else plain  # none learnt: keep the settings given
-        rates = ", ".join(f"{c} {speeds[c]:.0f}" for c in candidates) + f" images/s over {self.steps} steps"
-        drops = "".join(
-            f"; {c} dropped, its losses {a:.3f} -> {b:.3f}" for c, (a, b) in losses.items() if c not in sound
-        )
-        why = f"{date.today()}: {speeds[choice] / speeds[plain]:.2f}x {plain} ({rates} of {len(labels)}{drops})"
-        log.info("speed: %s, measured in %.0f s on %s", choice, time.perf_counter() - start, why)
-        write_cache(self.cache, key, {"choice": asdict(choice), "why": why})
+        t0 = time.perf_counter()
+        times, losses = measure(pl_module, candidates, images, labels, self.steps, self.warmup)
+        speeds = {c: len(labels) / median(t) for c, t in times.items()}
+        sound = sorted((c for c in candidates if trains(losses[c], losses[plain])), key=speeds.get, reverse=True)
+        choice = sound[0] if sound else plain  # none learnt: keep the settings given
+        rates = ", ".join(f"{c} {v:.0f}" for c, v in speeds.items()) + f" images/s, {self.steps} steps of {len(labels)}"
+        drops = "".join(f"; {c} dropped, losses {a:.3f} -> {b:.3f}" for c, (a, b) in losses.items() if c not in sound)
+        why = f"{speeds[choice] / speeds[plain]:.2f}x {plain} ({rates}{drops}) at load {load:.1f} on {cores} cores"
+        if len(sound) > 1 and (reason := noise(times, sound)):  # not cached: the next run measures again
+            log.info("speed: %s (the default; not cached, timings disagree: %s); %s: %s", plain, reason, choice, why)
+            return plain
+        log.info("speed: %s, %s, measured in %.0f s, cached in %s", choice, why, time.perf_counter() - t0, self.cache)
+        write_cache(self.cache, key, {"choice": asdict(choice), "why": why, "load": round(load, 2), "cores": cores})
         return choice
+
+
+def noise(times: dict[Setting, list[float]], sound: list[Setting]) -> str:
+    """Why timings (seconds a step, by round) of 2+ sound settings, fastest first, are not to be trusted, or "":
+    noise if the halves of the rounds favour different ones, or the fastest leads by less than its halves differ."""
+    n = max(1, len(next(iter(times.values()))) // 2)
+    early, late = ({c: 1 / median(t[s]) for c, t in times.items()} for s in (slice(n), slice(-n, None)))
+    if (first := max(sound, key=early.get)) != (second := max(sound, key=late.get)):
+        return f"the first half of the rounds favours {first}, the second {second}"
+    (best, runner), spread = sound[:2], abs(early[sound[0]] / late[sound[0]] - 1)
+    lead = median(times[runner]) / median(times[best]) - 1
+    return f"{best} leads {runner} by {lead:.1%}, its own halves differ by {spread:.1%}" if lead < spread else ""
 
 
 def candidate_settings(precision: str, device: torch.device) -> list[Setting]:
@@ -87,14 +101,13 @@ def candidate_settings(precision: str, device: torch.device) -> list[Setting]:
     return [Setting(p, layout) for p in precisions for layout in (False, True)]
 
 
-def measure(task: pl.LightningModule, candidates: list[Setting], images: Tensor, labels: Tensor, steps: int):
-    """Images/s (median step) and the first and last losses of `steps + 1` steps on one batch, each
-    candidate from the same weights; rounds interleave them, so the machine's noise falls on all alike."""
+def measure(task: pl.LightningModule, candidates: list[Setting], images: Tensor, labels: Tensor, steps=4, warmup=2):
+    """Seconds of `steps` timed steps on one batch, first and last losses, each from the same weights after
+    `warmup` untimed ones (the first ones allocate and pick kernels: far slower); rounds interleave them."""
     runs = {c: training_step(task, c, images, labels) for c in candidates}
-    first = {c: run()[0] for c, run in runs.items()}  # the first call also allocates and picks kernels
+    warm = [{c: run() for c, run in runs.items()} for _ in range(max(1, warmup))]
     rounds = [{c: run() for c, run in runs.items()} for _ in range(steps)]
-    speeds = {c: len(labels) / statistics.median(r[c][1] for r in rounds) for c in runs}
-    return speeds, {c: (first[c], rounds[-1][c][0]) for c in runs}
+    return {c: [r[c][1] for r in rounds] for c in runs}, {c: (warm[0][c][0], rounds[-1][c][0]) for c in runs}
 
 
 def training_step(task: pl.LightningModule, setting: Setting, images: Tensor, labels: Tensor):
@@ -124,10 +137,11 @@ def trains(losses: tuple[float, float], reference: tuple[float, float]) -> bool:
 
 def cache_key(model: torch.nn.Module, device: torch.device, batch_size: int, precision: str) -> str:
     """What the choice depends on: the chip, the threads, torch, the model, the batch size."""
-    if device.type == "cuda":
-        chip = torch.cuda.get_device_name(device)
-    else:
-        chip = f"{cpu_name()}, {torch.get_num_threads()} threads"
+    chip = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{cpu_name()}, {torch.get_num_threads()} threads"
+    )
     layers = hashlib.sha256(repr(model).encode()).hexdigest()[:12]  # two stems can share a parameter count
     model_name = f"{type(model).__name__} of {sum(p.numel() for p in model.parameters())} parameters, layers {layers}"
     return f"{chip} | torch {torch.__version__} | {model_name} | batch {batch_size} | {precision}"
@@ -152,6 +166,7 @@ def write_cache(path: Path, key: str, entry: dict) -> None:
     partial = path.with_name(f".{path.name}.{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        entry["measured"] = datetime.now().astimezone().isoformat(timespec="seconds")
         partial.write_text(json.dumps(read_cache(path) | {key: entry}, indent=2) + "\n")
         os.replace(partial, path)  # in one step: a concurrent run never reads half a file
     except OSError as err:

@@ -1,5 +1,8 @@
 import json
 import logging
+import os
+from dataclasses import asdict
+from datetime import datetime
 
 import pytest
 import torch
@@ -8,8 +11,10 @@ from hydra.utils import instantiate
 from test_train import train_config
 
 from mnist_extras import speed
-from mnist_extras.speed import PLAIN, MeasuredSpeed, Setting, candidate_settings, trains
+from mnist_extras.speed import PLAIN, MeasuredSpeed, Setting, candidate_settings, noise, trains
 from train import train
+
+BF16, BF16_CL, PLAIN_CL = Setting("bf16-mixed"), Setting("bf16-mixed", True), Setting(PLAIN, True)
 
 
 def tiny_fit(task, mnist_dir, **trainer_args):
@@ -24,6 +29,28 @@ def plain_task():
     return instantiate(compose_config("task.model.backbone.pretrained=false").task)
 
 
+@pytest.fixture
+def load(monkeypatch):
+    """Sets the machine's 1-minute load average: 0 (quiet) unless a test says otherwise."""
+    average = [0.0]
+    monkeypatch.setattr(os, "getloadavg", lambda: (average[0], 0.0, 0.0))
+    return average
+
+
+def steady(real_measure):
+    """The real measurement (its losses) with the same seconds every round: timings that agree."""
+
+    def measure(*args):
+        times, losses = real_measure(*args)
+        return {c: [0.1 + 0.01 * i] * len(t) for i, (c, t) in enumerate(times.items())}, losses
+
+    return measure
+
+
+def speed_lines(caplog):
+    return [r.message for r in caplog.records if r.name == "mnist_extras.speed"]
+
+
 def test_callbacks_speed_adds_the_measurement_and_the_centre_taps_to_the_default_callbacks():
     chosen = compose_config("callbacks=speed").callbacks
     default = compose_config("callbacks=default").callbacks
@@ -31,11 +58,12 @@ def test_callbacks_speed_adds_the_measurement_and_the_centre_taps_to_the_default
     assert instantiate(chosen.measured_speed).__class__ is MeasuredSpeed
 
 
-def test_auto_applies_its_choice_caches_it_and_reads_it_back(mnist_dir, tmp_path, monkeypatch, caplog):
+def test_auto_applies_its_choice_caches_it_and_reads_it_back(mnist_dir, tmp_path, monkeypatch, caplog, load):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(speed, "measure", steady(speed.measure))
     caplog.set_level(logging.INFO, logger="mnist_extras.speed")
     task = plain_task()
-    trainer = tiny_fit(task, mnist_dir, callbacks=[MeasuredSpeed(steps=1)])
+    trainer = tiny_fit(task, mnist_dir, callbacks=[MeasuredSpeed(steps=2, warmup=1)])
 
     (entry,) = json.loads((tmp_path / "mnist-hydra-lightning" / "speed.json").read_text()).values()
     choice = Setting(**entry["choice"])
@@ -43,34 +71,83 @@ def test_auto_applies_its_choice_caches_it_and_reads_it_back(mnist_dir, tmp_path
     assert trainer.precision == choice.precision
     weight = task.model.backbone.net.layer1[0].conv1.weight  # 64 input channels: the layouts differ
     assert weight.is_contiguous(memory_format=torch.channels_last) == choice.channels_last
-    assert "images/s over 1 steps of 8" in entry["why"]
-    assert any(r.message.startswith(f"speed: {choice}, measured in") for r in caplog.records)
+    assert "images/s, 2 steps of 8) at load 0.0 on" in entry["why"]
+    assert datetime.fromisoformat(entry["measured"]).tzinfo is not None
+    assert (entry["load"], entry["cores"]) == (0, os.cpu_count())
+    (line,) = speed_lines(caplog)  # one line: the choice, each candidate's images/s, the time it took
+    assert line.startswith(f"speed: {choice}, {entry['why']}, measured in ")
 
     caplog.clear()
     monkeypatch.setattr(speed, "measure", lambda *args: pytest.fail("measured again despite the cache"))
-    tiny_fit(plain_task(), mnist_dir, callbacks=[MeasuredSpeed(steps=1)])
-    assert any(f"speed: {choice}, measured on this machine" in r.message for r in caplog.records)
+    tiny_fit(plain_task(), mnist_dir, callbacks=[MeasuredSpeed(steps=2)])
+    (line,) = speed_lines(caplog)
+    assert line.startswith(f"speed: {choice}, {entry['why']}, cached 0.0 h ago in ")
+
+
+def test_noisy_timings_are_not_cached_and_the_settings_given_are_kept(mnist_dir, tmp_path, monkeypatch, caplog, load):
+    # bf16 is fastest in the first two rounds, 32-bit in the last two: a burst of other work, not the settings.
+    times = {Setting(): [1.0] * 4, PLAIN_CL: [1.1] * 4, BF16: [0.5, 0.5, 2.0, 2.0], BF16_CL: [3.0] * 4}
+    monkeypatch.setattr(speed, "measure", lambda *args: (times, {c: (2.3, 2.0) for c in times}))
+    caplog.set_level(logging.INFO, logger="mnist_extras.speed")
+    task = plain_task()
+    trainer = tiny_fit(task, mnist_dir, callbacks=[MeasuredSpeed(cache=tmp_path / "speed.json")])
+    assert not (tmp_path / "speed.json").exists()
+    assert trainer.precision == PLAIN
+    assert task.model.backbone.net.layer1[0].conv1.weight.is_contiguous()
+    (line,) = speed_lines(caplog)
+    assert line.startswith(
+        "speed: 32-true (the default; not cached, timings disagree: the first half of the rounds favours"
+    )
+
+
+def test_the_halves_of_the_rounds_must_agree_and_the_lead_exceed_their_spread():
+    plain, fast = Setting(), BF16
+    assert noise({plain: [1.0] * 4, fast: [0.8] * 4}, [fast, plain]) == ""
+    assert "favours bf16-mixed, the second 32-true" in noise({plain: [1.0] * 4, fast: [0.5, 0.5, 2, 2]}, [fast, plain])
+    # Fastest in both halves by 14%, but its own halves differ by 19%: not a lead to trust.
+    assert noise({plain: [1.0] * 4, fast: [0.95, 0.95, 0.8, 0.8]}, [fast, plain]) == (
+        "bf16-mixed leads 32-true by 14.3%, its own halves differ by 15.8%"
+    )
+    assert noise({plain: [1.0] * 4, fast: [0.82, 0.82, 0.8, 0.8]}, [fast, plain]) == ""
+
+
+@pytest.mark.parametrize(
+    ("cached_load", "load_now", "measures"),
+    [(1000.0, 0.0, True), (1000.0, 1000.0, False), (0.1, 0.0, False), (0.1, 1000.0, False)],
+)
+def test_a_choice_measured_under_load_is_measured_again_on_a_quiet_machine(
+    mnist_dir, tmp_path, monkeypatch, load, cached_load, load_now, measures
+):
+    cache = tmp_path / "speed.json"
+    steady_times = {c: [0.1 + 0.01 * i] * 4 for i, c in enumerate(candidate_settings(PLAIN, torch.device("cpu")))}
+    monkeypatch.setattr(speed, "measure", lambda *args: (steady_times, {c: (2.3, 2.0) for c in steady_times}))
+    tiny_fit(plain_task(), mnist_dir, callbacks=[MeasuredSpeed(cache=cache)])  # measures 32-true fastest
+    (key,) = json.loads(cache.read_text())
+    entry = {"choice": asdict(BF16), "why": "earlier", "measured": "2026-11-30T08:00:00+00:00"}
+    cache.write_text(json.dumps({key: entry | {"load": cached_load, "cores": os.cpu_count()}}))
+    load[0] = load_now
+    trainer = tiny_fit(plain_task(), mnist_dir, callbacks=[MeasuredSpeed(cache=cache)])
+    assert trainer.precision == (PLAIN if measures else "bf16-mixed")
+    assert (json.loads(cache.read_text())[key]["load"] == 0.0) == measures
 
 
 def test_the_fastest_setting_that_trains_correctly_wins(mnist_dir, tmp_path, monkeypatch):
-    bf16, fast_wrong = Setting("bf16-mixed"), Setting("bf16-mixed", channels_last=True)
-    speeds = {Setting(): 100.0, Setting(PLAIN, True): 110.0, bf16: 150.0, fast_wrong: 300.0}
-    losses = {Setting(): (2.3, 1.0), Setting(PLAIN, True): (2.3, 1.2), bf16: (2.31, 1.1)}
-    losses[fast_wrong] = (2.3, float("nan"))
-    monkeypatch.setattr(speed, "measure", lambda *args: (speeds, losses))
+    speeds = {Setting(): 100.0, PLAIN_CL: 110.0, BF16: 150.0, BF16_CL: 300.0}
+    losses = {Setting(): (2.3, 1.0), PLAIN_CL: (2.3, 1.2), BF16: (2.31, 1.1), BF16_CL: (2.3, float("nan"))}
+    monkeypatch.setattr(speed, "measure", lambda *args: ({c: [8 / v] * 4 for c, v in speeds.items()}, losses))
     callback = MeasuredSpeed(cache=tmp_path / "speed.json")
     trainer = tiny_fit(plain_task(), mnist_dir, callbacks=[callback])
     assert trainer.precision == "bf16-mixed"
     (entry,) = json.loads((tmp_path / "speed.json").read_text()).values()
     assert entry["choice"] == {"precision": "bf16-mixed", "channels_last": False}
     assert "1.50x 32-true" in entry["why"]
-    assert "bf16-mixed + channels_last dropped, its losses 2.300 -> nan" in entry["why"]
+    assert "bf16-mixed + channels_last dropped, losses 2.300 -> nan" in entry["why"]
 
 
 def test_when_no_setting_learns_the_settings_given_are_kept(mnist_dir, tmp_path, monkeypatch):
     candidates = candidate_settings(PLAIN, torch.device("cpu"))
-    speeds = {c: 100.0 + i for i, c in enumerate(candidates)}
-    monkeypatch.setattr(speed, "measure", lambda *args: (speeds, {c: (2.3, 2.4) for c in candidates}))
+    times = {c: [0.1 + 0.01 * i] * 4 for i, c in enumerate(candidates)}
+    monkeypatch.setattr(speed, "measure", lambda *args: (times, {c: (2.3, 2.4) for c in candidates}))
     trainer = tiny_fit(plain_task(), mnist_dir, callbacks=[MeasuredSpeed(cache=tmp_path / "speed.json")])
     assert trainer.precision == PLAIN
     (entry,) = json.loads((tmp_path / "speed.json").read_text()).values()
@@ -96,16 +173,17 @@ def test_training_correctly_means_32_bits_first_loss_then_a_lower_finite_one():
 
 # The same folder: the run continues there.
 @pytest.mark.filterwarnings("ignore:Experiment logs directory", "ignore:Checkpoint directory")
-def test_a_measured_speed_run_resumes_from_its_checkpoint(mnist_dir, tmp_path, monkeypatch, caplog):
+def test_a_measured_speed_run_resumes_from_its_checkpoint(mnist_dir, tmp_path, monkeypatch, caplog, load):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(speed, "measure", steady(speed.measure))
     caplog.set_level(logging.INFO, logger="mnist_extras.speed")
     run_dir = tmp_path / "run"
     args = [*TINY_RUN, "trainer.log_every_n_steps=1", "data_module.batch_size=16", "callbacks=speed", "+seed=1"]
-    args.append("callbacks.measured_speed.steps=1")
+    args += ["callbacks.measured_speed.steps=2", "callbacks.measured_speed.warmup=1"]
     train(train_config(run_dir, mnist_dir, *args))
     assert "measured in" in caplog.text
     caplog.clear()
     last = run_dir / "checkpoints" / "last.ckpt"
     resumed = train(train_config(run_dir, mnist_dir, *args, "trainer.max_epochs=2", f"+ckpt_path={last}"))
-    assert "measured on this machine" in caplog.text  # the second start reads the cache
+    assert "cached 0.0 h ago" in caplog.text  # the second start reads the cache
     assert resumed["test/acc"] > 0
