@@ -96,19 +96,20 @@ def test_noisy_timings_are_not_cached_and_the_settings_given_are_kept(mnist_dir,
     assert task.model.backbone.net.layer1[0].conv1.weight.is_contiguous()
     (line,) = speed_lines(caplog)
     assert line.startswith(
-        "speed: 32-true (the default; not cached, timings disagree: the first half of the rounds favours"
+        "speed: 32-true (the default; not cached, timings disagree: bf16-mixed took 0.50 s a step in the first half"
     )
 
 
-def test_the_halves_of_the_rounds_must_agree_and_the_lead_exceed_their_spread():
+def test_timings_whose_halves_differ_by_more_than_15_percent_are_noise_and_a_close_race_is_not():
     plain, fast = Setting(), BF16
     assert noise({plain: [1.0] * 4, fast: [0.8] * 4}, [fast, plain]) == ""
-    assert "favours bf16-mixed, the second 32-true" in noise({plain: [1.0] * 4, fast: [0.5, 0.5, 2, 2]}, [fast, plain])
-    # Fastest in both halves by 14%, but its own halves differ by 19%: not a lead to trust.
-    assert noise({plain: [1.0] * 4, fast: [0.95, 0.95, 0.8, 0.8]}, [fast, plain]) == (
-        "bf16-mixed leads 32-true by 14.3%, its own halves differ by 15.8%"
+    assert noise({plain: [1.0] * 4, fast: [0.5, 0.5, 2, 2]}, [fast, plain]) == (
+        "bf16-mixed took 0.50 s a step in the first half of the rounds, 2.00 s in the second"
     )
-    assert noise({plain: [1.0] * 4, fast: [0.82, 0.82, 0.8, 0.8]}, [fast, plain]) == ""
+    assert noise({plain: [1.0] * 4, fast: [0.95, 0.95, 0.8, 0.8]}, [fast, plain]).startswith("bf16-mixed took 0.95")
+    assert noise({plain: [1.0, 1.0, 1.2, 1.2], fast: [0.8] * 4}, [fast, plain]).startswith("32-true took 1.00")
+    # Within 15% each, though the halves favour different settings: either is as fast as the other.
+    assert noise({plain: [1.0, 1.0, 1.1, 1.1], fast: [1.05, 1.05, 1.0, 1.0]}, [fast, plain]) == ""
 
 
 @pytest.mark.parametrize(
