@@ -7,6 +7,7 @@ import atexit
 import csv
 import logging
 import os
+import re
 import statistics
 import sys
 import textwrap
@@ -168,41 +169,33 @@ def save_comparison(rows: Rows, configs: Rows, common: str, path: Path) -> None:
 
 
 def _plot_labels(names: list[str], notes: list[str]) -> list[str]:
-    """One override per line, keys cut to their last part (task.optimizer.lr=0.1 -> lr=0.1) unless
-    that makes two labels the same."""
+    """One override per line, keys cut to their last part (task.optimizer.lr=0.1 -> lr=0.1, ++seed=1 -> seed=1)
+    unless that makes two labels the same."""
     full = [tuple(name.split()) for name in names]
-    short = [tuple(short_key(override) for override in name) for name in full]
+    short = [tuple(re.sub(r"^[^=]*[./+]", "", o) if "=" in o else o for o in name) for name in full]
     chosen = short if len(set(short)) == len(set(full)) else full
     return ["\n".join(lines + ((f"({note})",) if note else ())) for lines, note in zip(chosen, notes, strict=True)]
 
 
-def short_key(override: str) -> str:
-    key, sep, value = override.partition("=")
-    return key.replace("/", ".").rsplit(".", 1)[-1].lstrip("+") + sep + value if sep else override
-
-
 def print_summary(rows: Rows, sweep_dir: Path, title: str = "Sweep summary") -> None:
-    """The tables of write_tables, as rich Text: brackets in an error are not markup."""
+    """The tables of summary.md, as rich Text (brackets in an error are not markup), rows coloured by status."""
     configs, common = config_rows(rows), rows[0]["common overrides"] if rows else ""
     heading = f"{title} ({Path(sweep_dir) / 'summary.md'})" + (f"\ncommon: {common}" if common else "")
-    sections = [(heading, rich_table(rows, SUMMARY_COLUMNS, [STYLES.get(row["status"]) for row in rows]))]
+    sections = [(heading, rows, SUMMARY_COLUMNS)]
     if configs:
-        styles = ["yellow" if g["note"] else None for g in configs]
-        sections.append(("By configuration (mean and std over seeds)", rich_table(configs, CONFIG_COLUMNS, styles)))
+        sections.append(("By configuration (mean and std over seeds)", configs, CONFIG_COLUMNS))
+    tables = []
+    for heading, items, columns in sections:
+        table = Table(*columns)
+        for item in items:  # a configuration has no status: yellow when a seed did not complete
+            style = STYLES.get(item["status"]) if "status" in item else "yellow" if item["note"] else None
+            table.add_row(*(Text(str(item[c])) for c in columns), style=style)
+        tables.append((heading, table))
     # As wide as the widest table: in a pipe's 80 columns rich would wrap cells. Colours on a terminal only.
-    console = Console(width=max(Console(width=100_000).measure(table).maximum for _, table in sections))
-    for heading, table in sections:
+    console = Console(width=max(Console(width=100_000).measure(table).maximum for _, table in tables))
+    for heading, table in tables:
         console.print(Text(heading), soft_wrap=True)
         console.print(table)
-
-
-def rich_table(rows: Rows, columns: list[str], styles: list[str | None]) -> Table:
-    table = Table()
-    for column in columns:
-        table.add_column(Text(column), no_wrap=True)
-    for row, style in zip(rows, styles, strict=True):
-        table.add_row(*(Text(str(row[c])) for c in columns), style=style)
-    return table
 
 
 class SweepReport(Callback):
