@@ -99,12 +99,10 @@ def mean_std(jobs: Rows, column: str, digits: int = 4) -> tuple[float | str, flo
 
 
 def write_summary(sweep_dir: Path) -> Rows:
-    rows = summary_rows(sweep_dir)
-    write_tables(rows, Path(sweep_dir))
-    return rows
+    return write_tables(summary_rows(sweep_dir), Path(sweep_dir))
 
 
-def write_tables(rows: Rows, out_dir: Path) -> None:
+def write_tables(rows: Rows, out_dir: Path) -> Rows:
     out_dir.mkdir(parents=True, exist_ok=True)
     configs, common = config_rows(rows), rows[0]["common overrides"] if rows else ""
     lines = [f"common: {' '.join(f'`{o}`' for o in common.split())}", ""] if common else []
@@ -117,6 +115,7 @@ def write_tables(rows: Rows, out_dir: Path) -> None:
         (out_dir / "summary_by_config.csv").unlink(missing_ok=True)
     (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
     save_comparison(rows, configs, common, out_dir / "comparison.png")
+    return rows
 
 
 def write_csv(path: Path, rows: Rows, columns: list[str]) -> None:
@@ -133,10 +132,7 @@ def markdown_table(rows: Rows, columns: list[str]) -> list[str]:
 
 
 def save_comparison(rows: Rows, configs: Rows, common: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, never a window
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend, no window, nothing to close
 
     # Per configuration (mean, std as error bar) when seeds vary, otherwise per job.
     items, suffix = (configs, " mean") if configs else (rows, "")
@@ -145,7 +141,8 @@ def save_comparison(rows: Rows, configs: Rows, common: str, path: Path) -> None:
     labels = _plot_labels(names, notes)
     # Horizontal labels, one override per line: a group is as wide as its longest line (7-point characters).
     longest = max((len(line) for label in labels for line in label.splitlines()), default=0)
-    fig, ax = plt.subplots(figsize=(max(6.0, len(labels) * (0.055 * longest + 0.4) / 0.75), 4.5))
+    fig = Figure(figsize=(max(6.0, len(labels) * (0.055 * longest + 0.4) / 0.75), 4.5))
+    ax = fig.subplots()
     for i, column in enumerate(ACCURACIES):
         heights = [item[column + suffix] for item in items]  # "": no value
         yerr = [g[f"{column} std"] or 0.0 for g in configs] if configs else None
@@ -165,7 +162,6 @@ def save_comparison(rows: Rows, configs: Rows, common: str, path: Path) -> None:
     ax.set_title(title, fontsize=9)
     ax.legend(loc="upper center", ncol=2, fontsize=8)
     fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
 
 
 def _plot_labels(names: list[str], notes: list[str]) -> list[str]:
@@ -257,8 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     if not runs:
         print(f"error: no {RECORD} in or below {' '.join(map(str, args.paths))}", file=sys.stderr)
         return 2
-    rows = rows_for([(str(run), read_record(run) or {}) for run in runs])
-    write_tables(rows, args.out)
+    rows = write_tables(rows_for([(str(run), read_record(run) or {}) for run in runs]), args.out)
     print_summary(rows, args.out, title=f"Comparison of {len(rows)} runs")
     written = ["summary.md", "summary.csv", "summary_by_config.csv", "comparison.png"]
     print(f"wrote {', '.join(f for f in written if (args.out / f).is_file())} in {args.out}/")
