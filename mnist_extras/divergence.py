@@ -11,23 +11,16 @@ class Diverged(FloatingPointError):
 
 
 class StopOnDivergence(pl.Callback):
-    """Raises `Diverged` once the training loss is not finite, checked every `log_every_n_steps`
-    steps (the steps Lightning logs, and reads on the host, anyway).
-
-    The decision is reduced over ranks, so every DDP process stops at the same step instead of one
-    raising alone while the others wait in a collective.
-    """
+    """Raises `Diverged` once the training loss is not finite, checked on the steps Lightning logs (and reads on
+    the host anyway). Decided over all ranks: every DDP process stops at the same step, none waits alone."""
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if batch_idx % trainer.log_every_n_steps:
-            return
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if loss is None:  # a step that the task skipped
+        if batch_idx % trainer.log_every_n_steps or loss is None:  # None: a step that the task skipped
             return
-        diverged = not bool(torch.isfinite(loss.detach()).all())
-        if trainer.strategy.reduce_boolean_decision(diverged, all=False):
+        if trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(loss.detach()).all()), all=False):
             lr = getattr(getattr(pl_module, "optimizer", None), "keywords", {}).get("lr")
             raise Diverged(
                 f"the training loss became nan or inf by step {trainer.global_step - 1}"  # the step just taken

@@ -22,8 +22,6 @@ class FitRecord(pl.Callback):
         if not trainer.is_global_zero or record is None:
             return
         stopped = [cb.stopping_reason_message for cb in trainer.callbacks if isinstance(cb, EarlyStopping)]
-        metrics = {**record.get("metrics", {}), "fit_seconds": time.perf_counter() - self.started}
-        params = sum(p.numel() for p in pl_module.parameters())
-        write_record(
-            self.run_dir, {**record, "params": params, "metrics": metrics, "stopped": next(filter(None, stopped), None)}
-        )
+        record["metrics"] = {**record.get("metrics", {}), "fit_seconds": time.perf_counter() - self.started}
+        record.update(params=sum(p.numel() for p in pl_module.parameters()), stopped=next(filter(None, stopped), None))
+        write_record(self.run_dir, record)

@@ -7,6 +7,7 @@ import atexit
 import csv
 import logging
 import os
+import re
 import statistics
 import sys
 import textwrap
@@ -98,12 +99,10 @@ def mean_std(jobs: Rows, column: str, digits: int = 4) -> tuple[float | str, flo
 
 
 def write_summary(sweep_dir: Path) -> Rows:
-    rows = summary_rows(sweep_dir)
-    write_tables(rows, Path(sweep_dir))
-    return rows
+    return write_tables(summary_rows(sweep_dir), Path(sweep_dir))
 
 
-def write_tables(rows: Rows, out_dir: Path) -> None:
+def write_tables(rows: Rows, out_dir: Path) -> Rows:
     out_dir.mkdir(parents=True, exist_ok=True)
     configs, common = config_rows(rows), rows[0]["common overrides"] if rows else ""
     lines = [f"common: {' '.join(f'`{o}`' for o in common.split())}", ""] if common else []
@@ -116,6 +115,7 @@ def write_tables(rows: Rows, out_dir: Path) -> None:
         (out_dir / "summary_by_config.csv").unlink(missing_ok=True)
     (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
     save_comparison(rows, configs, common, out_dir / "comparison.png")
+    return rows
 
 
 def write_csv(path: Path, rows: Rows, columns: list[str]) -> None:
@@ -132,10 +132,7 @@ def markdown_table(rows: Rows, columns: list[str]) -> list[str]:
 
 
 def save_comparison(rows: Rows, configs: Rows, common: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, never a window
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend, no window, nothing to close
 
     # Per configuration (mean, std as error bar) when seeds vary, otherwise per job.
     items, suffix = (configs, " mean") if configs else (rows, "")
@@ -144,7 +141,8 @@ def save_comparison(rows: Rows, configs: Rows, common: str, path: Path) -> None:
     labels = _plot_labels(names, notes)
     # Horizontal labels, one override per line: a group is as wide as its longest line (7-point characters).
     longest = max((len(line) for label in labels for line in label.splitlines()), default=0)
-    fig, ax = plt.subplots(figsize=(max(6.0, len(labels) * (0.055 * longest + 0.4) / 0.75), 4.5))
+    fig = Figure(figsize=(max(6.0, len(labels) * (0.055 * longest + 0.4) / 0.75), 4.5))
+    ax = fig.subplots()
     for i, column in enumerate(ACCURACIES):
         heights = [item[column + suffix] for item in items]  # "": no value
         yerr = [g[f"{column} std"] or 0.0 for g in configs] if configs else None
@@ -164,45 +162,36 @@ def save_comparison(rows: Rows, configs: Rows, common: str, path: Path) -> None:
     ax.set_title(title, fontsize=9)
     ax.legend(loc="upper center", ncol=2, fontsize=8)
     fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
 
 
 def _plot_labels(names: list[str], notes: list[str]) -> list[str]:
-    """One override per line, keys cut to their last part (task.optimizer.lr=0.1 -> lr=0.1) unless
-    that makes two labels the same."""
+    """One override per line, keys cut to their last part (task.optimizer.lr=0.1 -> lr=0.1, ++seed=1 -> seed=1)
+    unless that makes two labels the same."""
     full = [tuple(name.split()) for name in names]
-    short = [tuple(short_key(override) for override in name) for name in full]
+    short = [tuple(re.sub(r"^[^=]*[./+]", "", o) if "=" in o else o for o in name) for name in full]
     chosen = short if len(set(short)) == len(set(full)) else full
     return ["\n".join(lines + ((f"({note})",) if note else ())) for lines, note in zip(chosen, notes, strict=True)]
 
 
-def short_key(override: str) -> str:
-    key, sep, value = override.partition("=")
-    return key.replace("/", ".").rsplit(".", 1)[-1].lstrip("+") + sep + value if sep else override
-
-
 def print_summary(rows: Rows, sweep_dir: Path, title: str = "Sweep summary") -> None:
-    """The tables of write_tables, as rich Text: brackets in an error are not markup."""
+    """The tables of summary.md, as rich Text (brackets in an error are not markup), rows coloured by status."""
     configs, common = config_rows(rows), rows[0]["common overrides"] if rows else ""
     heading = f"{title} ({Path(sweep_dir) / 'summary.md'})" + (f"\ncommon: {common}" if common else "")
-    sections = [(heading, rich_table(rows, SUMMARY_COLUMNS, [STYLES.get(row["status"]) for row in rows]))]
+    sections = [(heading, rows, SUMMARY_COLUMNS)]
     if configs:
-        styles = ["yellow" if g["note"] else None for g in configs]
-        sections.append(("By configuration (mean and std over seeds)", rich_table(configs, CONFIG_COLUMNS, styles)))
+        sections.append(("By configuration (mean and std over seeds)", configs, CONFIG_COLUMNS))
+    tables = []
+    for heading, items, columns in sections:
+        table = Table(*columns)
+        for item in items:  # a configuration has no status: yellow when a seed did not complete
+            style = STYLES.get(item["status"]) if "status" in item else "yellow" if item["note"] else None
+            table.add_row(*(Text(str(item[c])) for c in columns), style=style)
+        tables.append((heading, table))
     # As wide as the widest table: in a pipe's 80 columns rich would wrap cells. Colours on a terminal only.
-    console = Console(width=max(Console(width=100_000).measure(table).maximum for _, table in sections))
-    for heading, table in sections:
+    console = Console(width=max(Console(width=100_000).measure(table).maximum for _, table in tables))
+    for heading, table in tables:
         console.print(Text(heading), soft_wrap=True)
         console.print(table)
-
-
-def rich_table(rows: Rows, columns: list[str], styles: list[str | None]) -> Table:
-    table = Table()
-    for column in columns:
-        table.add_column(Text(column), no_wrap=True)
-    for row, style in zip(rows, styles, strict=True):
-        table.add_row(*(Text(str(row[c])) for c in columns), style=style)
-    return table
 
 
 class SweepReport(Callback):
@@ -264,8 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     if not runs:
         print(f"error: no {RECORD} in or below {' '.join(map(str, args.paths))}", file=sys.stderr)
         return 2
-    rows = rows_for([(str(run), read_record(run) or {}) for run in runs])
-    write_tables(rows, args.out)
+    rows = write_tables(rows_for([(str(run), read_record(run) or {}) for run in runs]), args.out)
     print_summary(rows, args.out, title=f"Comparison of {len(rows)} runs")
     written = ["summary.md", "summary.csv", "summary_by_config.csv", "comparison.png"]
     print(f"wrote {', '.join(f for f in written if (args.out / f).is_file())} in {args.out}/")
