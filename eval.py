@@ -45,7 +45,7 @@ def hydra_value(text: str) -> str:
         raise ConfigError(f"ckpt_path={text}: an unfinished quote; fix: {USAGE}") from None
 
 
-@hydra.main(version_base="1.3", config_path="configs", config_name="config")
+@hydra.main(config_path="configs", config_name="config")
 def main(cfg: DictConfig) -> float:
     if cfg.get("ckpt_path") is None:  # `-m` without one
         raise ConfigError(f"ckpt_path is not set; fix: {USAGE}")

@@ -43,7 +43,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="configs", config_name="config")
+@hydra.main(config_path="configs", config_name="config")
 def main(cfg: DictConfig) -> dict[str, float] | float:
     metrics = train(cfg)  # Hydra hands the return value to its callbacks (run.json) and to a search's sweeper
     return metrics[cfg.optimized_metric] if "optimized_metric" in cfg else metrics

@@ -41,7 +41,7 @@ def worker(args: argparse.Namespace) -> None:
                 print(RESULT + json.dumps({"threads": threads, "images_per_s": images / seconds}))
 
     overrides = ["trainer=ddp_cpu", f"trainer.devices={args.processes}", "task.model.backbone.pretrained=false"]
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR)):
         cfg = compose(config_name="config", overrides=overrides)
     pl.seed_everything(0)
     task = instantiate(cfg.task)

@@ -37,7 +37,7 @@ def mnist_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def compose_config(*overrides: str) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR)):
         return compose(config_name="config", overrides=[as_group_choice(arg) for arg in overrides])
 
 

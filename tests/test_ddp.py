@@ -26,7 +26,7 @@ def test_ddp_cpu_trainer_is_two_gloo_processes():
 
 
 def test_slurm_launcher_asks_for_one_task_per_gpu():
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR)):
         cfg = compose(
             config_name="config",
             overrides=["hydra/launcher=slurm", "trainer=ddp", "hydra.launcher.gpus_per_node=8"],

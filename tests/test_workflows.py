@@ -42,7 +42,7 @@ def train_here(run_dir: Path, *overrides: str, base: tuple[str, ...] = (*TINY_RU
     <overrides> hydra.run.dir=<run_dir>` would run it (without the Hydra callbacks: no run.json).
     Every step is logged: with Lightning's 10, 3-batch epochs would log none."""
     args = [*base, "trainer.log_every_n_steps=1", *overrides, f"hydra.run.dir={run_dir}"]
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR)):
         cfg = compose(config_name="config", overrides=[as_group_choice(arg) for arg in args], return_hydra_config=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     with open_dict(cfg):
