@@ -17,6 +17,10 @@ import subprocess
 import sys
 import time
 
+from hydra.utils import execution_whitelist
+
+from train import TARGETS
+
 RESULT = "bench.ddp result: "
 
 
@@ -101,4 +105,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with execution_whitelist(TARGETS):  # what train.py lets a config name
+        main()

@@ -6,10 +6,11 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 from hydra import compose, initialize_config_dir
+from hydra.utils import execution_whitelist
 from omegaconf import DictConfig
 
 from mnist_extras.mnist_files import prepare_mnist
-from train import CONFIG_DIR, as_group_choice
+from train import CONFIG_DIR, TARGETS, as_group_choice
 
 PROJECT_DIR = CONFIG_DIR.parent
 
@@ -101,6 +102,13 @@ def learned(tmp_path_factory: pytest.TempPathFactory, mnist_dir: Path) -> Path:
     result = run_train(*LEARNING_RUN, f"data_module.data_dir={mnist_dir}", f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr
     return run_dir
+
+
+@pytest.fixture(scope="session", autouse=True)
+def targets_a_config_may_name():
+    """Configs built in a test name what train.py lets them name (Hydra's execution whitelist)."""
+    with execution_whitelist(TARGETS):
+        yield
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -122,7 +122,7 @@ def test_a_ddp_sweep_runs_each_job_once_goes_on_past_a_failed_rank_and_resumes(t
     args = [
         "-m",
         "hydra/launcher=subprocess",
-        "task.loss_function._target_=loss_functions.CrossEntropyLoss,diverging_loss.CrashOnRankOne",
+        "task.loss_function._target_=loss_functions.CrossEntropyLoss,tests.diverging_loss.CrashOnRankOne",
         *TINY_DDP_RUN,
         f"data_module.data_dir={mnist_dir}",
         f"hydra.sweep.dir={sweep_dir}",

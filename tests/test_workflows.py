@@ -143,7 +143,7 @@ def test_a_nan_loss_stops_the_run_with_diverged(tmp_path, mnist_dir):
         with pytest.raises(Diverged, match="the training loss became nan or inf by step 0"):
             train_here(
                 tmp_path / "run",
-                "task.loss_function._target_=diverging_loss.NaNFromStep",
+                "task.loss_function._target_=tests.diverging_loss.NaNFromStep",
                 "trainer.log_every_n_steps=1",
                 f"data_module.data_dir={mnist_dir}",
             )
@@ -335,7 +335,7 @@ def test_sweep_summary_has_a_row_per_job_even_a_failed_one_and_a_rerun_skips_fin
     args = [
         "-m",
         "hydra/launcher=subprocess",  # the launcher that resumes a sweep run again
-        "task.loss_function._target_=loss_functions.CrossEntropyLoss,diverging_loss.NaNFromStep",
+        "task.loss_function._target_=loss_functions.CrossEntropyLoss,tests.diverging_loss.NaNFromStep",
         *TINY_RUN,
         *DEFAULTS,
         f"data_module.data_dir={mnist_dir}",
