@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 from mnist_extras.errors import ConfigError, quoted
 from mnist_extras.loading import load_task, read_checkpoint, resolve
+from train import TARGETS
 
 log = logging.getLogger(__name__)
 USAGE = "python eval.py ckpt_path=PATH trainer=cpu (or ckpt_path=last)"
@@ -45,7 +46,7 @@ def hydra_value(text: str) -> str:
         raise ConfigError(f"ckpt_path={text}: an unfinished quote; fix: {USAGE}") from None
 
 
-@hydra.main(version_base="1.3", config_path="configs", config_name="config")
+@hydra.main(config_path="configs", config_name="config", execution_whitelist=TARGETS)
 def main(cfg: DictConfig) -> float:
     if cfg.get("ckpt_path") is None:  # `-m` without one
         raise ConfigError(f"ckpt_path is not set; fix: {USAGE}")

@@ -14,6 +14,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+# What a config's `_target_` may name, Hydra's execution whitelist (it refuses os.system, say): the modules and
+# packages beside this file, and the PyTorch optimizers and Lightning classes that the configs build.
+TARGETS = [
+    *(f"{path.stem}.*" for path in sorted(CONFIG_DIR.parent.glob("*.py"))),
+    *(f"{path.name}.*" for path in sorted(CONFIG_DIR.parent.iterdir()) if path.is_dir() and any(path.glob("*.py"))),
+    "torch.optim.*",
+    "pytorch_lightning.*",
+]
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -43,7 +51,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="configs", config_name="config")
+@hydra.main(config_path="configs", config_name="config", execution_whitelist=TARGETS)
 def main(cfg: DictConfig) -> dict[str, float] | float:
     metrics = train(cfg)  # Hydra hands the return value to its callbacks (run.json) and to a search's sweeper
     return metrics[cfg.optimized_metric] if "optimized_metric" in cfg else metrics

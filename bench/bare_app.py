@@ -4,7 +4,7 @@ import hydra
 from omegaconf import DictConfig
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="config")
+@hydra.main(config_path="../configs", config_name="config")
 def main(cfg: DictConfig) -> None:
     pass
 

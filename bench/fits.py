@@ -9,7 +9,7 @@ from train import CONFIG_DIR, as_group_choice
 
 def recipe(*overrides: str) -> DictConfig:
     """The config `python train.py <overrides>` would run."""
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR)):
         return compose(config_name="config", overrides=[as_group_choice(o) for o in overrides])
 
 

@@ -19,13 +19,14 @@ import time
 
 import pytorch_lightning as pl
 import torch
-from hydra.utils import instantiate
+from hydra.utils import execution_whitelist, instantiate
 
 from bench.fits import bare_trainer, recipe
 from bench.machine import describe
 from mnist_extras.errors import quiet_libraries
 from mnist_extras.layers import CentreTaps, swap_centre_taps
 from mnist_extras.speed import MeasuredSpeed
+from train import TARGETS
 
 
 class EpochTimer(pl.Callback):
@@ -132,4 +133,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with execution_whitelist(TARGETS):  # what train.py lets a config name
+        main()

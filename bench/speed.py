@@ -18,7 +18,7 @@ import time
 
 import pytorch_lightning as pl
 import torch
-from hydra.utils import instantiate
+from hydra.utils import execution_whitelist, instantiate
 
 from bench.fits import bare_trainer, recipe
 from bench.gpu import mnist_99_with
@@ -26,6 +26,7 @@ from bench.machine import describe
 from mnist_extras.errors import quiet_libraries
 from mnist_extras.layers import swap_centre_taps
 from mnist_extras.speed import MeasuredSpeed, Setting, read_cache
+from train import TARGETS
 
 FIXED = {
     "32-true": ("32-true", False),
@@ -90,4 +91,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with execution_whitelist(TARGETS):  # what train.py lets a config name
+        main()

@@ -44,8 +44,8 @@ def search_space(impl: Any, arguments: list[str]) -> dict[str, Any]:
     from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides  # see the module doc
 
     impl._process_searchspace_config()
-    space, fixed = create_params_from_overrides(impl._parse_sweeper_params_config() + list(arguments))
-    return {k: v for k, v in {**(impl.search_space_distributions or {}), **space}.items() if k not in fixed}
+    space, fixed, _ = create_params_from_overrides(impl._parse_sweeper_params_config() + list(arguments))
+    return {k: v for k, v in space.items() if k not in fixed}
 
 
 def continue_study(study: Any, impl: Any, space: dict[str, Any]) -> None:

@@ -47,7 +47,7 @@ class SubprocessLauncher(Launcher):
             log.info("#%d : %s", idx, " ".join(filter_overrides(overrides)))
             config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
             with open_dict(config):
-                config.hydra.job.id = config.hydra.job.num = idx  # as BasicLauncher numbers its jobs
+                config.hydra.job.id, config.hydra.job.num = str(idx), idx  # as BasicLauncher numbers its jobs
             job_dir = Path(str(sweep_dir), str(config.hydra.sweep.subdir))
             ret = self.run_job(list(overrides), job_dir, idx, sweep_dir)
             ret.cfg, ret.hydra_cfg, ret.overrides, ret.working_dir = config, config, list(overrides), str(job_dir)

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from mnist_extras.errors import ConfigError, exit_on_error, override_key
 from mnist_extras.mnist_files import RAW_FILES
+from train import TARGETS
 
 TRAIN_SIZE = 55_000  # data_modules.MNISTDataModule's training split
 ABSENT = object()
@@ -163,6 +164,11 @@ def check_schemas(cfg: DictConfig, fixes: Fixes) -> None:
 def check_targets(cfg: DictConfig) -> None:
     for key, node in target_nodes(OmegaConf.to_container(cfg, resolve=False)):
         target, where = str(node["_target_"]), f"{key}._target_"
+        if not any(target == name or name.endswith(".*") and target.startswith(name[:-1]) for name in TARGETS):
+            raise ConfigError(
+                f"{where}={target}: not in train.py's TARGETS, the only callables Hydra lets a config name; "
+                "fix: name a class of this project, torch.optim or pytorch_lightning, or add it to TARGETS"
+            )
         if target in TRACKING and importlib.util.find_spec(TRACKING[target]) is None:
             raise ConfigError(
                 f"{where}={target}: needs the {TRACKING[target]} package, which is not installed; "

@@ -135,5 +135,5 @@ def run_group(output_dir: str) -> str:
     return str(group.relative_to(Path.cwd()) if group.is_relative_to(Path.cwd()) else group)
 
 
-OmegaConf.register_new_resolver("run_group", run_group, replace=True)
-OmegaConf.register_new_resolver("run_name", lambda output_dir: Path(output_dir).name, replace=True)
+OmegaConf.register_resolver("run_group", run_group, replace=True)
+OmegaConf.register_resolver("run_name", lambda output_dir: Path(output_dir).name, replace=True)

@@ -39,7 +39,7 @@ def write_record(run_dir: Path, record: dict[str, Any]) -> None:
 
 
 def mark_interrupted(run_dir: Path, message: str) -> None:
-    # Lightning turns Ctrl-C and SIGTERM into SystemExit, so Hydra calls no on_job_end.
+    # Lightning turns Ctrl-C and SIGTERM into SystemExit; RunRecord.on_job_end, which Hydra calls after it, keeps this.
     if (record := read_record(run_dir)) is not None:
         write_record(run_dir, {**record, "status": "interrupted", "error": message})
 
@@ -100,7 +100,10 @@ class RunRecord(Callback):
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if self.run_dir is None or Path(config.hydra.runtime.output_dir) != self.run_dir:
             return  # another rank, or a job this process did not start
-        self.record = {**(read_record(self.run_dir) or {}), **self.record}  # keys Lightning callbacks added
+        stored = read_record(self.run_dir) or {}
+        if stored.get("status") == "interrupted":  # mark_interrupted's record of a SystemExit
+            return
+        self.record = {**stored, **self.record}  # keys Lightning callbacks added
         csv_file = self.run_dir / "metrics.csv"
         # fast_dev_run writes no metrics.csv: one left by an earlier run is not this run's.
         fresh = csv_file.is_file() and csv_file.stat().st_mtime >= self.started

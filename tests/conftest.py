@@ -6,10 +6,11 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 from hydra import compose, initialize_config_dir
+from hydra.utils import execution_whitelist
 from omegaconf import DictConfig
 
 from mnist_extras.mnist_files import prepare_mnist
-from train import CONFIG_DIR, as_group_choice
+from train import CONFIG_DIR, TARGETS, as_group_choice
 
 PROJECT_DIR = CONFIG_DIR.parent
 
@@ -37,7 +38,7 @@ def mnist_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def compose_config(*overrides: str) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR)):
         return compose(config_name="config", overrides=[as_group_choice(arg) for arg in overrides])
 
 
@@ -101,6 +102,13 @@ def learned(tmp_path_factory: pytest.TempPathFactory, mnist_dir: Path) -> Path:
     result = run_train(*LEARNING_RUN, f"data_module.data_dir={mnist_dir}", f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr
     return run_dir
+
+
+@pytest.fixture(scope="session", autouse=True)
+def targets_a_config_may_name():
+    """Configs built in a test name what train.py lets them name (Hydra's execution whitelist)."""
+    with execution_whitelist(TARGETS):
+        yield
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -78,7 +78,7 @@ def test_package_directives_are_read_by_hydra(tmp_path, config_file, package):
     shutil.copytree(CONFIG_DIR, configs)
     path = configs / config_file
     path.write_text(path.read_text().replace(f"# @package {package}", "# @package task.moved"))
-    with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(configs)):
         cfg = compose(config_name="config")
     assert "moved" in cfg.task
     assert package.rsplit(".", 1)[1] not in cfg.task

@@ -26,7 +26,7 @@ def test_ddp_cpu_trainer_is_two_gloo_processes():
 
 
 def test_slurm_launcher_asks_for_one_task_per_gpu():
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR)):
         cfg = compose(
             config_name="config",
             overrides=["hydra/launcher=slurm", "trainer=ddp", "hydra.launcher.gpus_per_node=8"],
@@ -122,7 +122,7 @@ def test_a_ddp_sweep_runs_each_job_once_goes_on_past_a_failed_rank_and_resumes(t
     args = [
         "-m",
         "hydra/launcher=subprocess",
-        "task.loss_function._target_=loss_functions.CrossEntropyLoss,diverging_loss.CrashOnRankOne",
+        "task.loss_function._target_=loss_functions.CrossEntropyLoss,tests.diverging_loss.CrashOnRankOne",
         *TINY_DDP_RUN,
         f"data_module.data_dir={mnist_dir}",
         f"hydra.sweep.dir={sweep_dir}",

@@ -169,7 +169,7 @@ def test_a_nan_loss_stops_the_run_naming_the_step(tmp_path, mnist_dir):
         "trainer.limit_train_batches=8",
         "trainer.log_every_n_steps=2",
         "task.optimizer.lr=0.001",
-        "task.loss_function._target_=diverging_loss.NaNFromStep",
+        "task.loss_function._target_=tests.diverging_loss.NaNFromStep",
         "+task.loss_function.step=2",
         f"data_module.data_dir={mnist_dir}",
         f"hydra.run.dir={run_dir}",

@@ -181,7 +181,7 @@ def test_two_fresh_runs_into_one_folder_leave_the_record_of_the_second_alone(tmp
     second = run_train(
         *FAST_RUN,
         data,
-        "task.loss_function._target_=diverging_loss.NaNFromStep",
+        "task.loss_function._target_=tests.diverging_loss.NaNFromStep",
         f"hydra.run.dir={run_dir}",
         env={"PYTHONPATH": str(TESTS_DIR)},
     )

@@ -31,7 +31,7 @@ BASIC = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"  # a name co
 def refusal(*overrides: str, launcher: str | None = None, choice: str | None = None) -> str | None:
     """The one line the checks give `python train.py trainer=cpu <overrides>`, or None if they pass."""
     args = [as_group_choice(arg) for arg in ("trainer=cpu", "task.model.backbone.pretrained=false", *overrides)]
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR)):
         cfg = compose("config", overrides=args)
         try:
             check_config(cfg, Fixes(args), launcher, choice)
@@ -182,7 +182,7 @@ def test_the_write_probe_makes_and_removes_no_folder(tmp_path):
 
 def sweep_config(*overrides: str, swept: list[str]):
     """The config Hydra hands a sweep's callbacks, its task overrides including the sweeps."""
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR)):
         cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
     with open_dict(cfg):
         cfg.hydra.overrides.task = [*overrides, *swept]
@@ -191,7 +191,7 @@ def sweep_config(*overrides: str, swept: list[str]):
 
 def test_every_point_of_a_sweep_is_checked_even_with_interpolations_in_its_overrides(capsys):
     cfg = sweep_config("trainer=cpu", swept=["task.optimizer.lr=0.1,-1", "+tag=${hydra:job.num}"])
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"), pytest.raises(SystemExit) as stop:
+    with initialize_config_dir(config_dir=str(CONFIG_DIR)), pytest.raises(SystemExit) as stop:
         ConfigCheck().on_multirun_start(config=cfg)
     assert stop.value.code == 2
     assert capsys.readouterr().err == "error: task.optimizer.lr=-1: a finite number > 0; fix: task.optimizer.lr=5e-05\n"
@@ -201,7 +201,7 @@ def test_a_check_that_breaks_stops_the_run_with_its_traceback(monkeypatch, capsy
     """Hydra turns an exception in a callback into a warning and starts the run: the checks exit instead."""
     monkeypatch.setattr(checks, "check_targets", lambda cfg: 1 / 0)
     cfg = sweep_config("trainer=cpu", swept=[])
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"), pytest.raises(SystemExit) as stop:
+    with initialize_config_dir(config_dir=str(CONFIG_DIR)), pytest.raises(SystemExit) as stop:
         ConfigCheck().on_run_start(config=cfg)
     assert stop.value.code == 1
     assert "ZeroDivisionError" in capsys.readouterr().err

@@ -42,7 +42,7 @@ def train_here(run_dir: Path, *overrides: str, base: tuple[str, ...] = (*TINY_RU
     <overrides> hydra.run.dir=<run_dir>` would run it (without the Hydra callbacks: no run.json).
     Every step is logged: with Lightning's 10, 3-batch epochs would log none."""
     args = [*base, "trainer.log_every_n_steps=1", *overrides, f"hydra.run.dir={run_dir}"]
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR)):
         cfg = compose(config_name="config", overrides=[as_group_choice(arg) for arg in args], return_hydra_config=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     with open_dict(cfg):
@@ -143,7 +143,7 @@ def test_a_nan_loss_stops_the_run_with_diverged(tmp_path, mnist_dir):
         with pytest.raises(Diverged, match="the training loss became nan or inf by step 0"):
             train_here(
                 tmp_path / "run",
-                "task.loss_function._target_=diverging_loss.NaNFromStep",
+                "task.loss_function._target_=tests.diverging_loss.NaNFromStep",
                 "trainer.log_every_n_steps=1",
                 f"data_module.data_dir={mnist_dir}",
             )
@@ -335,7 +335,7 @@ def test_sweep_summary_has_a_row_per_job_even_a_failed_one_and_a_rerun_skips_fin
     args = [
         "-m",
         "hydra/launcher=subprocess",  # the launcher that resumes a sweep run again
-        "task.loss_function._target_=loss_functions.CrossEntropyLoss,diverging_loss.NaNFromStep",
+        "task.loss_function._target_=loss_functions.CrossEntropyLoss,tests.diverging_loss.NaNFromStep",
         *TINY_RUN,
         *DEFAULTS,
         f"data_module.data_dir={mnist_dir}",
