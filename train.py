@@ -1,9 +1,6 @@
-"""Train an MNIST classifier that Hydra composes from configs/, then test its best checkpoint.
-
-    python train.py trainer=cpu task.model.backbone=resnet50           # pick config-group options
-    python train.py -m task.model.backbone=resnet18,resnet34,resnet50  # one run per backbone
-    python train.py --cfg job                                          # print the composed config
-"""
+"""Train an MNIST classifier that Hydra composes from configs/, then test its best checkpoint:
+`python train.py trainer=cpu task.model.backbone=resnet50`, `-m task.model.backbone=resnet18,resnet34,resnet50`
+for one run per backbone, `--cfg job` to print the composed config."""
 
 import sys
 from pathlib import Path
@@ -14,14 +11,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-# What a config's `_target_` may name, Hydra's execution whitelist (it refuses os.system, say): the modules and
-# packages beside this file, and the PyTorch optimizers and Lightning classes that the configs build.
-TARGETS = [
-    *(f"{path.stem}.*" for path in sorted(CONFIG_DIR.parent.glob("*.py"))),
-    *(f"{path.name}.*" for path in sorted(CONFIG_DIR.parent.iterdir()) if path.is_dir() and any(path.glob("*.py"))),
-    "torch.optim.*",
-    "pytorch_lightning.*",
-]
+# Hydra's execution whitelist, what a config's `_target_` may name: the modules and packages beside this file.
+TARGETS = [f"{p.stem}.*" for p in sorted(CONFIG_DIR.parent.iterdir()) if p.suffix == ".py" or any(p.glob("*.py"))]
+TARGETS += ["torch.optim.*", "pytorch_lightning.*"]  # the optimizers and Lightning classes the configs build
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
