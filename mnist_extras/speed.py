@@ -58,7 +58,8 @@ class MeasuredSpeed(pl.Callback):
         key = cache_key(pl_module.model, device, len(labels), trainer.precision)
         # Under load: other work keeps over half the cores busy (the 1-minute load average less this process's
         # part, about its CPU seconds / 60); torch runs a thread per core, so steps then time the other work too.
-        load = max(0.0, os.getloadavg()[0] - min(time.process_time() / 60, torch.get_num_threads()))
+        average = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0  # Windows has none: taken as quiet
+        load = max(0.0, average - min(time.process_time() / 60, torch.get_num_threads()))
         cores, cached = os.cpu_count() or 1, read_cache(self.cache).get(key, {})
         stale = cached.get("load", math.inf) > cached.get("cores", 1) / 2 and load <= cores / 2  # measure again
         if "measured" in cached and cached["choice"] in map(asdict, candidates) and not stale:
