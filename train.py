@@ -1,19 +1,17 @@
-"""Train an MNIST classifier that Hydra composes from configs/, then test its best checkpoint:
-`python train.py trainer=cpu task.model.backbone=resnet50`, `-m task.model.backbone=resnet18,resnet34,resnet50`
-for one run per backbone, `--cfg job` to print the composed config."""
+"""Train an MNIST classifier that Hydra composes from configs/, then test its best checkpoint (README.md: commands)."""
 
 import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-# Hydra's execution whitelist, what a config's `_target_` may name: the modules and packages beside this file.
 TARGETS = [f"{p.stem}.*" for p in sorted(CONFIG_DIR.parent.iterdir()) if p.suffix == ".py" or any(p.glob("*.py"))]
-TARGETS += ["torch.optim.*", "pytorch_lightning.*"]  # the optimizers and Lightning classes the configs build
+TARGETS += ["torch.optim.*", "pytorch_lightning.*"]  # Hydra's execution whitelist: what a `_target_` may name
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -23,8 +21,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     pl.seed_everything(cfg.get("seed", 0), workers=True, verbose=False)
     built = {}
     for group in ("task", "data_module", "callbacks", "logger"):  # an option of the last two: one node per object
-        nodes = {group: cfg[group]} if group in ("task", "data_module") else cfg.get(group) or {}
-        for node in nodes.values():
+        for node in [cfg[group]] if group in ("task", "data_module") else (cfg.get(group) or {}).values():
             say(f"Instantiating {group} <{node._target_}>")
             built.setdefault(group, []).append(instantiate(node))
     (task,), (datamodule,) = built["task"], built["data_module"]
@@ -57,4 +54,7 @@ def as_group_choice(arg: str) -> str:  # the spec's `task.model.backbone=resnet5
 
 if __name__ == "__main__":
     sys.argv[1:] = [as_group_choice(arg) for arg in sys.argv[1:]]
-    main()
+    try:
+        main()
+    except SystemExit as stop:  # Hydra exits 1 for a config it cannot compose, as for a crash: a usage error is 2
+        sys.exit(2 if isinstance(stop.__context__, CompactHydraException) else stop.code)  # it exits in its `except`

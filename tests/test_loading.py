@@ -232,6 +232,11 @@ def test_eval_tests_the_checkpoint_with_the_data_and_trainer_of_its_own_command_
     assert (tmp_path / ".hydra" / "overrides.yaml").read_text().count("ckpt_path") == 1
 
 
+def test_eval_exits_2_for_a_config_hydra_cannot_compose(trained, tmp_path, monkeypatch, capsys):
+    assert run_script("eval.py", [f"ckpt_path={trained}", "trainer=cpux", f"hydra.run.dir={tmp_path}"], monkeypatch) == 2
+    assert "Available options in 'trainer'" in capsys.readouterr().err
+
+
 def test_eval_needs_a_checkpoint(monkeypatch, capsys):
     assert run_script("eval.py", ["trainer=cpu"], monkeypatch) == 2
     assert capsys.readouterr().err.startswith("error: ckpt_path is not set; fix: python eval.py ckpt_path=PATH")

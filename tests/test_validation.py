@@ -5,6 +5,8 @@ behaviour is the command line: exit codes, HYDRA_FULL_ERROR, a sweep that must n
 """
 
 import logging
+import runpy
+import sys
 import warnings
 from pathlib import Path
 
@@ -254,6 +256,24 @@ def test_library_lines_no_user_can_act_on_are_quieted(caplog):
 
 
 # The command line: exit codes, and runs or sweeps that must not start.
+
+
+@pytest.mark.parametrize(
+    ("override", "said"),
+    [
+        ("task.model.backbone=resnet19", "Available options in 'task/model/backbone'"),
+        ("trainer.max_epoch=3", "Did you mean: 'max_epochs'?"),
+        ("data_module.data_dir=/tmp/dïgits", "LexerNoViableAltException"),
+    ],
+)
+def test_a_command_line_hydra_cannot_compose_is_a_usage_error(override, said, tmp_path, capsys, monkeypatch):
+    """Hydra's own message, and exit code 2: Hydra exits 1, as for a crash."""
+    monkeypatch.setattr(sys, "argv", ["train.py", override, "trainer=cpu", f"hydra.run.dir={tmp_path / 'run'}"])
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(str(CONFIG_DIR.parent / "train.py"), run_name="__main__")
+    assert stop.value.code == 2
+    assert said in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_bad_value_stops_before_torch_is_imported_and_leaves_no_folder(tmp_path):
