@@ -13,7 +13,7 @@ import sys
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import CompactHydraException, HydraException
+from hydra.errors import ConfigCompositionException, HydraException, OverrideParseException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
@@ -70,4 +70,4 @@ if __name__ == "__main__":
     try:
         main()
     except SystemExit as stop:  # as train.py: a config Hydra cannot compose is a usage error
-        sys.exit(2 if isinstance(stop.__context__, CompactHydraException) else stop.code)
+        sys.exit(2 if isinstance(stop.__context__, ConfigCompositionException | OverrideParseException) else stop.code)

@@ -17,7 +17,9 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 # What a checkpoint's config may name: the classes this project's configs use. A checkpoint is
 # data, and `_target_` can name any callable (`torch.load` with weights_only=false runs a pickle).
 PARTS = {
-    *(f"backbones.ResNet{depth}" for depth in (18, 34, 50)),
+    "backbones.ResNet18",
+    "backbones.ResNet34",
+    "backbones.ResNet50",
     "adapters.LinearAdapter",
     "heads.IdentityHead",
     "models.SimpleModel",

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import CompactHydraException
+from hydra.errors import ConfigCompositionException, OverrideParseException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -56,5 +56,5 @@ if __name__ == "__main__":
     sys.argv[1:] = [as_group_choice(arg) for arg in sys.argv[1:]]
     try:
         main()
-    except SystemExit as stop:  # Hydra exits 1 for a config it cannot compose, as for a crash: a usage error is 2
-        sys.exit(2 if isinstance(stop.__context__, CompactHydraException) else stop.code)  # it exits in its `except`
+    except SystemExit as stop:  # Hydra exits 1, in the `except` that caught it, for a config it cannot compose: 2
+        sys.exit(2 if isinstance(stop.__context__, ConfigCompositionException | OverrideParseException) else stop.code)

@@ -1,9 +1,13 @@
-"""The project functions one run calls: distinct functions defined in the project's own files
-(not the venv's), counted with `sys.setprofile` while train.py runs in this process.
+"""The project functions one run calls, counted with `sys.setprofile` while train.py runs in this
+process: distinct functions defined in the project's own files (not the venv's, bench's or tests'),
+and apart from them the module and class bodies the run executes, which the profiler reports as
+calls too.
 
 python -m bench.calls debug=fdr trainer=cpu task.model.backbone.pretrained=false   # any train.py overrides
+python -m bench.calls --list debug=fdr trainer=cpu    # and each function and body by name
 """
 
+import inspect
 import runpy
 import sys
 from collections import Counter
@@ -13,16 +17,17 @@ PROJECT = Path(__file__).resolve().parent.parent
 
 
 def main() -> None:
-    seen: set[tuple[str, str]] = set()
+    seen: dict[tuple[str, str], bool] = {}  # (file, qualified name): whether it is a function's body
     skip = (str(PROJECT / ".venv"), str(PROJECT / "bench"), str(PROJECT / "tests"))
 
     def profile(frame, event, arg) -> None:  # noqa: ANN001
-        if event == "call":
-            path = frame.f_code.co_filename
-            if path.startswith(str(PROJECT)) and not path.startswith(skip):
-                seen.add((Path(path).relative_to(PROJECT).as_posix(), frame.f_code.co_qualname))
+        code = frame.f_code
+        if event == "call" and code.co_filename.startswith(str(PROJECT)) and not code.co_filename.startswith(skip):
+            name = (Path(code.co_filename).relative_to(PROJECT).as_posix(), code.co_qualname)
+            seen[name] = bool(code.co_flags & inspect.CO_OPTIMIZED)  # def, lambda, comprehension: not a module/class
 
-    sys.argv = ["train.py", *sys.argv[1:]]
+    listed = "--list" in sys.argv
+    sys.argv = ["train.py", *[arg for arg in sys.argv[1:] if arg != "--list"]]
     sys.setprofile(profile)
     try:
         runpy.run_path(str(PROJECT / "train.py"), run_name="__main__")
@@ -30,10 +35,16 @@ def main() -> None:
         pass
     finally:
         sys.setprofile(None)
-    files = Counter(path for path, _ in seen)
-    print(f"{len(seen)} distinct project functions in {len(files)} files")
-    for path, count in sorted(files.items()):
-        print(f"  {count:3d}  {path}")
+    functions = Counter(path for (path, _), function in seen.items() if function)
+    bodies = Counter(path for (path, _), function in seen.items() if not function)
+    print(f"{sum(functions.values())} distinct project functions in {len(functions)} files, and "
+          f"{sum(bodies.values())} module and class bodies")  # fmt: skip
+    print("  functions  bodies  file")
+    for path in sorted(functions | bodies):
+        print(f"  {functions[path]:9d}  {bodies[path]:6d}  {path}")
+    if listed:
+        for (path, name), function in sorted(seen.items()):
+            print(f"  {'function' if function else 'body':8s}  {path}  {name}")
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ class SubprocessLauncher(Launcher):
             ret = self.run_job(list(overrides), job_dir, idx, sweep_dir)
             ret.cfg, ret.hydra_cfg, ret.overrides, ret.working_dir = config, config, list(overrides), str(job_dir)
             returns.append(ret)
-            # The jobs' Hydra callbacks run in their own processes: the sweep's SweepReport sees no job end.
+            # The jobs' Hydra callbacks run in their own processes: the sweep's RunRecord sees no job end.
             safely(write_summary, sweep_dir)
         return returns
 

@@ -319,7 +319,7 @@ def refusing_on_failure() -> typing.Iterator[None]:
 
 def task_overrides(config: DictConfig) -> list[str]:
     # Unresolved: an override may hold `${...}` that only a running job can resolve.
-    return [str(arg) for arg in OmegaConf.to_container(config.hydra.overrides.task, resolve=False)]
+    return OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
 
 
 def sweep_points(overrides: list[str]) -> list[list[str]]:

@@ -1,5 +1,7 @@
-"""A run's `run.json` and `config_tree.txt`. No torch here: Hydra builds `RunRecord` before any job."""
+"""A run's `run.json` and `config_tree.txt`, and a sweep's summary after each job (mnist_extras/sweeps.py).
+No torch here: Hydra builds `RunRecord` before any job."""
 
+import atexit
 import csv
 import json
 import logging
@@ -63,11 +65,21 @@ def csv_metrics(path: Path) -> tuple[dict[str, float], int | None]:
 class RunRecord(Callback):
     """Writes `run.json` (running, then completed or failed; checkpoints.py marks it interrupted) and
     `config_tree.txt`, holding `.run.lock` for the job. Only rank zero acts: the other DDP ranks
-    re-run the same command into the same folder."""
+    re-run the same command into the same folder. In a sweep it also rewrites the summary files after
+    every job (a killed sweep's hold every job that ran) and prints them at exit: Hydra skips
+    `on_multirun_end` when a job failed."""
 
     def __init__(self) -> None:
         self.lock, self.run_dir, self.record = None, None, {}
         self.started = self.earlier_wall_time = 0.0
+        self.sweep_dir, self.pid = None, 0
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from mnist_extras.sweeps import print_report  # sweeps.py imports this module
+
+        self.sweep_dir = Path(config.hydra.sweep.dir)
+        self.pid = os.getpid()  # joblib and submitit run the job hooks in their workers too: they skip the summary
+        atexit.register(print_report, self.sweep_dir, self.pid)
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         # Locked before Hydra writes .hydra/ and the log file into it; None: a folder named after
@@ -98,10 +110,19 @@ class RunRecord(Callback):
         print_config(config, run_dir)
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        if self.run_dir is None or Path(config.hydra.runtime.output_dir) != self.run_dir:
-            return  # another rank, or a job this process did not start
+        run_dir = Path(config.hydra.runtime.output_dir)
+        started = self.started if run_dir == self.run_dir else None  # None: another rank's job, or one stopped early
+        if started is not None:
+            self.finish(job_return)
+        if self.sweep_dir is not None and os.getpid() == self.pid:
+            from mnist_extras.sweeps import job_ended
+
+            job_ended(self.sweep_dir, run_dir, job_return, list(config.hydra.overrides.task), started)
+
+    def finish(self, job_return: JobReturn) -> None:
         stored = read_record(self.run_dir) or {}
         if stored.get("status") == "interrupted":  # mark_interrupted's record of a SystemExit
+            self.release()
             return
         self.record = {**stored, **self.record}  # keys Lightning callbacks added
         csv_file = self.run_dir / "metrics.csv"

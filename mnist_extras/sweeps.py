@@ -1,9 +1,8 @@
 """A sweep's `summary.md`, `summary.csv`, `summary_by_config.csv` and `comparison.png`, from its jobs'
 `run.json`; `python -m mnist_extras.sweeps PATH ...` builds them for any runs. No torch here: Hydra
-builds `SweepReport` before it checks anything, so a typo fails in a second."""
+builds `records.RunRecord`, which writes them, before it checks anything, so a typo fails in a second."""
 
 import argparse
-import atexit
 import csv
 import logging
 import os
@@ -17,8 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.utils import JobReturn, JobStatus
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -194,36 +191,24 @@ def print_summary(rows: Rows, sweep_dir: Path, title: str = "Sweep summary") -> 
         console.print(table)
 
 
-class SweepReport(Callback):
-    """Rewrites the summary files after every job (a killed sweep's hold every job that ran) and prints
-    the tables at exit: Hydra skips `on_multirun_end` when a job failed."""
+def job_ended(
+    sweep_dir: Path, run_dir: Path, job_return: JobReturn, overrides: list[str], started: float | None
+) -> None:
+    """After each job of a sweep (records.RunRecord): its record if the job could not write one (stopped
+    before its run began, or killed while running), then the summary files."""
+    record = read_record(run_dir) or {}
+    if job_return.status == JobStatus.FAILED and record.get("status") in (None, "running"):
+        record.update(overrides=overrides, status="failed", error=failure_line(job_return))
+        if started is not None:
+            record.setdefault("wall_time_s", time.time() - started)
+        safely(write_record, run_dir, record)
+    safely(write_summary, sweep_dir)
 
-    started, sweep_dir, pid = 0.0, None, 0
 
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self.sweep_dir = Path(config.hydra.sweep.dir)
-        self.pid = os.getpid()  # joblib and submitit run the job hooks in their workers too: they skip them
-        atexit.register(self._report)
-
-    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self.started = time.perf_counter()
-
-    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        if self.sweep_dir is None or os.getpid() != self.pid:  # a single run, or a launcher's worker
-            return
-        run_dir = Path(config.hydra.runtime.output_dir)
-        record = read_record(run_dir) or {}
-        # A job's RunRecord says how it ended; this records one that could not (stopped before its run
-        # began, or killed while running).
-        if job_return.status == JobStatus.FAILED and record.get("status") in (None, "running"):
-            record.update(overrides=list(config.hydra.overrides.task), status="failed", error=failure_line(job_return))
-            record.setdefault("wall_time_s", time.perf_counter() - self.started)
-            safely(write_record, run_dir, record)
-        safely(write_summary, self.sweep_dir)
-
-    def _report(self) -> None:
-        if self.sweep_dir is not None and self.sweep_dir.is_dir() and os.getpid() == self.pid:
-            safely(lambda: print_summary(write_summary(self.sweep_dir), self.sweep_dir))
+def print_report(sweep_dir: Path, pid: int) -> None:
+    """The summary tables, printed as the sweep's process exits."""
+    if sweep_dir.is_dir() and os.getpid() == pid:
+        safely(lambda: print_summary(write_summary(sweep_dir), sweep_dir))
 
 
 def safely(write: Any, *args: Any) -> None:

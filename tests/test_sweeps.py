@@ -12,9 +12,9 @@ from hydra.core.utils import JobReturn, JobStatus
 from matplotlib.axes import Axes
 from omegaconf import OmegaConf
 
-from mnist_extras import sweeps
-from mnist_extras.records import write_record
-from mnist_extras.sweeps import SUMMARY_COLUMNS, SweepReport, main, print_summary, summary_rows, write_summary
+from mnist_extras import records, sweeps
+from mnist_extras.records import RunRecord, write_record
+from mnist_extras.sweeps import SUMMARY_COLUMNS, main, print_summary, summary_rows, write_summary
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 COMMON = ["trainer=cpu", "+trainer.limit_train_batches=3"]
@@ -62,7 +62,8 @@ def test_brackets_in_an_error_or_override_print_literally(tmp_path, capsys):
 
 
 def test_the_sweep_callback_records_a_failed_job_and_prints_its_error_literally(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(sweeps.atexit, "register", lambda report: None)  # the test calls it
+    at_exit = []
+    monkeypatch.setattr(records.atexit, "register", lambda *call: at_exit.append(call))  # the test calls it
     config = OmegaConf.create(
         {
             "hydra": {
@@ -72,18 +73,19 @@ def test_the_sweep_callback_records_a_failed_job_and_prints_its_error_literally(
             }
         }
     )
-    report = SweepReport()
-    report.on_multirun_start(config)
-    report.on_job_start(config)
+    callback = RunRecord()
+    callback.on_multirun_start(config)  # the job's own hooks ran in its process: this one sees only its end
 
     failure = FileNotFoundError("[/tmp/x] is [bold]missing")
     ret = JobReturn()
     ret.status, ret.return_value = JobStatus.FAILED, failure
-    report.on_job_end(config, ret)
-    report._report()
+    callback.on_job_end(config, ret)
+    [(report, *args)] = at_exit
+    report(*args)
 
     assert "FileNotFoundError: [/tmp/x] is [bold]missing" in capsys.readouterr().out
-    assert read_csv(tmp_path / "summary.csv")[0]["status"] == "failed"
+    assert [row["status"] for row in read_csv(tmp_path / "summary.csv")] == ["failed"]
+    assert records.read_record(tmp_path / "0")["overrides"] == ["task.optimizer.lr=0.1"]
 
 
 def test_the_printed_table_is_as_wide_as_its_cells_and_plain_in_a_pipe(tmp_path, capsys):
