@@ -90,6 +90,7 @@ class ErrorLines(Callback):
         quiet_libraries()
 
     on_multirun_start = on_run_start
+    on_job_start = on_run_start  # also in the job's own process: joblib's and submitit's workers
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if job_return.status != JobStatus.FAILED or (err := failure(job_return)) is None:
