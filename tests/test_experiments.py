@@ -2,10 +2,9 @@ from functools import partial
 
 import pytest
 import torch
-from conftest import compose_config, quiet_trainer
+from conftest import compose_config, quiet_trainer, train_config
 from hydra.utils import execution_whitelist, instantiate
 from omegaconf import open_dict
-from test_train import train_config
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 

@@ -201,7 +201,7 @@ def start_training(run_dir: Path, mnist_dir: Path, max_epochs: int) -> subproces
         "data_module.batch_size=16",
         "+seed=5",
         f"data_module.data_dir={mnist_dir}",
-        f"hydra.run.dir={run_dir}",
+        f"hydra.run.dir='{run_dir}'",
     ]
     return subprocess.Popen(
         [sys.executable, "train.py", *args], cwd=PROJECT_DIR, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -219,9 +219,16 @@ def wait_for(condition, process: subprocess.Popen, timeout: float = 300) -> None
 def assert_resumes_to_the_end(checkpoint: Path, run_dir: Path, epochs: int) -> None:
     state = torch.load(checkpoint, weights_only=True)  # intact, and loadable without unpickling code
     assert state["global_step"] > 0
-    command = shlex.split(continue_command(run_dir, checkpoint))  # the line SaveOnInterrupt prints
-    assert command[:2] == ["python", "train.py"]
-    result = run_train(*command[2:])
+    command = continue_command(run_dir, checkpoint)  # the line SaveOnInterrupt prints, pasted into a shell
+    assert shlex.split(command)[:2] == ["python", "train.py"]
+    result = subprocess.run(
+        ["bash", "-c", command],
+        cwd=PROJECT_DIR,
+        env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},  # `python`: this one
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr
     assert "test accuracy: " in result.stdout
     record = json.loads((run_dir / "run.json").read_text())
@@ -237,7 +244,7 @@ def assert_resumes_to_the_end(checkpoint: Path, run_dir: Path, epochs: int) -> N
 
 @pytest.mark.slow
 def test_sigterm_saves_where_the_run_stands_and_the_run_continues_from_there(tmp_path, mnist_dir):
-    run_dir = tmp_path / "run"
+    run_dir = tmp_path / "my runs" / "é 1"  # the printed line works pasted, spaces and accents too
     process = start_training(run_dir, mnist_dir, max_epochs=2)
     # Lightning's handler is in place once fit has started; stop somewhere in the first epoch.
     wait_for(lambda: "Instantiating trainer" in read(run_dir / "train.log"), process)
@@ -257,7 +264,7 @@ def test_sigterm_saves_where_the_run_stands_and_the_run_continues_from_there(tmp
 
 @pytest.mark.slow
 def test_sigkill_leaves_the_last_good_checkpoint_and_the_run_continues_from_it(tmp_path, mnist_dir):
-    run_dir = tmp_path / "run"
+    run_dir = tmp_path / "my runs" / "é 1"
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
     process = start_training(run_dir, mnist_dir, max_epochs=2)
     wait_for(checkpoint.is_file, process)

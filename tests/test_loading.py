@@ -233,7 +233,8 @@ def test_eval_tests_the_checkpoint_with_the_data_and_trainer_of_its_own_command_
 
 
 def test_eval_exits_2_for_a_config_hydra_cannot_compose(trained, tmp_path, monkeypatch, capsys):
-    assert run_script("eval.py", [f"ckpt_path={trained}", "trainer=cpux", f"hydra.run.dir={tmp_path}"], monkeypatch) == 2
+    args = [f"ckpt_path={trained}", "trainer=cpux", f"hydra.run.dir={tmp_path}"]
+    assert run_script("eval.py", args, monkeypatch) == 2
     assert "Available options in 'trainer'" in capsys.readouterr().err
 
 

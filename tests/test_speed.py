@@ -6,9 +6,8 @@ from datetime import datetime
 
 import pytest
 import torch
-from conftest import TINY_RUN, compose_config, quiet_trainer
+from conftest import TINY_RUN, compose_config, quiet_trainer, train_config
 from hydra.utils import instantiate
-from test_train import train_config
 
 from mnist_extras import speed
 from mnist_extras.speed import PLAIN, MeasuredSpeed, Setting, candidate_settings, noise, trains

@@ -2,33 +2,16 @@
 config, `train(cfg)`. Subprocess runs stay where the behaviour is the command line."""
 
 import csv
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import LEARNING_RUN, TINY_RUN
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
+from conftest import TINY_RUN, train_config
 from hydra.utils import instantiate
-from omegaconf import DictConfig, open_dict
+from omegaconf import open_dict
 
 import tasks
 from tasks import MNISTClassification
-from train import CONFIG_DIR, as_group_choice, train
-
-
-def train_config(run_dir: Path, data_dir: Path, *overrides: str) -> DictConfig:
-    """The config `python train.py <overrides>` would run, with Hydra's runtime config set as
-    @hydra.main sets it, so `${hydra:runtime.output_dir}` resolves to `run_dir`."""
-    with initialize_config_dir(config_dir=str(CONFIG_DIR)):
-        cfg = compose("config", overrides=[as_group_choice(arg) for arg in overrides], return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(run_dir)
-        cfg.hydra.job.num = 0
-        cfg.data_module.data_dir = str(data_dir)
-        cfg.trainer.accelerator = "cpu"
-    HydraConfig().set_config(cfg)
-    return cfg
+from train import train
 
 
 def test_a_fast_dev_run_fits_and_tests_in_the_process(tmp_path, mnist_dir):
@@ -39,17 +22,9 @@ def test_a_fast_dev_run_fits_and_tests_in_the_process(tmp_path, mnist_dir):
     assert 0 <= metrics["test/acc"] <= 1
 
 
-@pytest.fixture(scope="module")
-def learned_in_process(tmp_path_factory: pytest.TempPathFactory, mnist_dir: Path) -> tuple[Path, DictConfig, dict]:
-    """A model trained on real digits for about 20 s, in this process, with no callbacks or logger option."""
-    run_dir = tmp_path_factory.mktemp("learned")
-    cfg = train_config(run_dir, mnist_dir, *LEARNING_RUN)
-    return run_dir, cfg, train(cfg)
-
-
-def test_the_model_learns_digits_in_twenty_seconds(learned_in_process):
+def test_the_model_learns_digits_in_twenty_seconds(learned):
     """Shuffled labels or a broken loss would stay near 0.1."""
-    run_dir, _, metrics = learned_in_process
+    run_dir, _, metrics = learned
     assert metrics["test/acc"] > 0.8, metrics
     # train() returns the test's metrics; validation's are in metrics.csv.
     rows = list(csv.DictReader((run_dir / "metrics.csv").read_text().splitlines()))
@@ -59,8 +34,8 @@ def test_the_model_learns_digits_in_twenty_seconds(learned_in_process):
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
 
 
-def test_load_from_checkpoint_returns_the_trained_task_in_one_call(learned_in_process, mnist_dir):
-    run_dir, cfg, metrics = learned_in_process
+def test_load_from_checkpoint_returns_the_trained_task_in_one_call(learned, mnist_dir):
+    run_dir, cfg, metrics = learned
     last = run_dir / "checkpoints" / "last.ckpt"
     task = MNISTClassification.load_from_checkpoint(last).eval()
     # The same weights, put by hand into a task built from the config: the same predictions.
@@ -83,8 +58,8 @@ def test_load_from_checkpoint_returns_the_trained_task_in_one_call(learned_in_pr
     assert right / seen == pytest.approx(metrics["test/acc"], abs=1e-6)
 
 
-def test_a_checkpoint_naming_code_is_refused(learned_in_process, tmp_path):
-    run_dir, _, _ = learned_in_process
+def test_a_checkpoint_naming_code_is_refused(learned, tmp_path):
+    run_dir, _, _ = learned
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     checkpoint["hyper_parameters"]["model"]["backbone"] = {
         "_target_": "torch.load",
