@@ -29,7 +29,6 @@ FIXES = {
     "MNISTUnavailable": None,
     "Diverged": "lower task.optimizer.lr (a tenth is a good first try)",
     "WeightsUnavailable": "train from scratch with task.model.backbone.pretrained=false",
-    "AdapterMismatch": "set task.model.adapter.in_features to the backbone's width",
     "UnknownPart": "pass a checkpoint written by train.py",
 }
 
@@ -42,6 +41,8 @@ def user_error(err: BaseException | None) -> str | None:
             return str(err)
         if isinstance(err, OSError) and err.errno == errno.ENOSPC:
             return f"{err}; fix: free space there, or write the run elsewhere with hydra.run.dir=PATH"
+        if name == "AdapterMismatch":  # models.py's message ends with the backbone's width
+            return f"{err}; fix: task.model.adapter.in_features={str(err).rpartition(' gives ')[2]}"
         if name in FIXES:
             return f"{err}; fix: {FIXES[name]}" if FIXES[name] else str(err)
         frames = [(f.name, *Path(f.filename).parts[-2:]) for f in traceback.extract_tb(err.__traceback__)]

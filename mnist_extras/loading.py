@@ -1,6 +1,7 @@
 """Checkpoints read as data: `weights_only=True`, and every `_target_` of the stored task config checked
 against `tasks.PARTS` (it can name any callable) before anything is built; else one `ConfigError` line."""
 
+import fnmatch
 import pickle
 import zipfile
 from collections.abc import Mapping
@@ -79,12 +80,23 @@ def check_parts(path: Path, node: Any, key: str = "") -> None:
 
     if isinstance(node, Mapping):
         if (target := node.get("_target_")) is not None and target not in PARTS:
-            raise refused(path, f"its hyper_parameters name _target_={target} at {key}, not a part of this project")
+            problem = f"its hyper_parameters name _target_={target} at {key}, not a part of this project"
+            if yours(target):  # a part a user added to the project (a backbone, an optimizer) but not to PARTS
+                raise ConfigError(f"ckpt_path={path}: {problem}; fix: if it is a part of yours, add it to tasks.PARTS")
+            raise refused(path, problem)
         for name, value in node.items():
             check_parts(path, value, f"{key}.{name}".lstrip("."))
     elif isinstance(node, list | tuple):
         for i, value in enumerate(node):
             check_parts(path, value, f"{key}[{i}]")
+
+
+def yours(target: str) -> bool:
+    """A name in the project's own modules or torch.optim, which train.py could have built; a checkpoint
+    naming anything else (`torch.load`, Lightning's loaders) is no project's, whatever it says."""
+    from train import TARGETS
+
+    return any(fnmatch.fnmatchcase(target, name) for name in TARGETS if name != "pytorch_lightning.*")
 
 
 def load_task(path: str | Path) -> Any:

@@ -105,6 +105,20 @@ def test_a_checkpoint_that_names_code_is_refused_in_one_line_and_runs_none(tmp_p
     assert not marker.exists()
 
 
+def test_a_checkpoint_naming_a_part_of_yours_missing_from_parts_says_where_to_add_it(tmp_path):
+    """A backbone a user added to backbones.py but not to tasks.PARTS: the fix is PARTS, not another file."""
+    path, _ = hostile_checkpoint(tmp_path)
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["hyper_parameters"]["model"]["backbone"] = {"_target_": "backbones.SmallCNN"}
+    torch.save(checkpoint, path)
+    with pytest.raises(ConfigError) as refused:
+        read_checkpoint(path)
+    assert str(refused.value) == (
+        f"ckpt_path={path}: its hyper_parameters name _target_=backbones.SmallCNN at model.backbone, not a part of "
+        "this project; fix: if it is a part of yours, add it to tasks.PARTS"
+    )
+
+
 def not_checkpoints(folder: Path, trained: Path) -> dict[str, Path]:
     """One file of each kind a user might pass by mistake, or an attacker on purpose."""
     files = {name: folder / name for name in ("digit.png", "notes.txt", "empty.ckpt", "foreign.pt", "plain.pkl")}
