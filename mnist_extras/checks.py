@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from mnist_extras.errors import ConfigError, exit_on_error, override_key
 from mnist_extras.mnist_files import RAW_FILES
+from mnist_extras.records import typed_overrides
 from train import TARGETS
 
 TRAIN_SIZE = 55_000  # data_modules.MNISTDataModule's training split
@@ -317,11 +318,6 @@ def refusing_on_failure() -> typing.Iterator[None]:
         raise SystemExit(1) from err
 
 
-def task_overrides(config: DictConfig) -> list[str]:
-    # Unresolved: an override may hold `${...}` that only a running job can resolve.
-    return OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
-
-
 def sweep_points(overrides: list[str]) -> list[list[str]]:
     """Each job's overrides, as Hydra's sweeper makes them; a range a sweeper draws from (Optuna's) is left out."""
     choices = []
@@ -341,7 +337,7 @@ class ConfigCheck(Callback):
         if int(os.environ.get("LOCAL_RANK", "0")) > 0:
             return  # a process Lightning started for a run whose first process passed these checks
         with refusing_on_failure():
-            fixes = Fixes(task_overrides(config), config.hydra.job.config_name)
+            fixes = Fixes(typed_overrides(config), config.hydra.job.config_name)
             check_config(OmegaConf.masked_copy(config, [key for key in config if key != "hydra"]), fixes)
             fix = "leave hydra.run.dir out, or name a folder you can write"
             check_writable("hydra.run.dir", Path(config.hydra.run.dir), fix)
@@ -349,7 +345,7 @@ class ConfigCheck(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         with refusing_on_failure():
             name, launcher = config.hydra.job.config_name, str(config.hydra.launcher.get("_target_"))
-            for point in sweep_points(task_overrides(config)):
+            for point in sweep_points(typed_overrides(config)):
                 try:
                     cfg = compose(name, point)
                 except (HydraException, OmegaConfBaseException) as err:  # Hydra composes a point only as it runs

@@ -46,6 +46,12 @@ def mark_interrupted(run_dir: Path, message: str) -> None:
         write_record(run_dir, {**record, "status": "interrupted", "error": message})
 
 
+def typed_overrides(config: DictConfig) -> list[str]:
+    """The job's overrides as typed, `${hydra:job.num}` and all (as in .hydra/overrides.yaml): a sweep run
+    again compares them with its own, and reading a ListConfig's strings would resolve them."""
+    return OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
+
+
 def rank_zero() -> bool:
     # Lightning's rule (rank_zero_only.rank), read without importing torch.
     keys = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
@@ -89,7 +95,7 @@ class RunRecord(Callback):
             self.hold(Path(str(run_dir)).absolute())
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
-        overrides = config.hydra.overrides.task  # in each process's log file: DDP ranks must agree
+        overrides = typed_overrides(config)  # in each process's log file: DDP ranks must agree
         logging.getLogger("logfile").info("seed %s, overrides %s", config.get("seed", 0), " ".join(overrides))
         if not rank_zero():
             return
@@ -117,7 +123,7 @@ class RunRecord(Callback):
         if self.sweep_dir is not None and os.getpid() == self.pid:
             from mnist_extras.sweeps import job_ended
 
-            job_ended(self.sweep_dir, run_dir, job_return, list(config.hydra.overrides.task), started)
+            job_ended(self.sweep_dir, run_dir, job_return, typed_overrides(config), started)
 
     def finish(self, job_return: JobReturn) -> None:
         stored = read_record(self.run_dir) or {}

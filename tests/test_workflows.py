@@ -22,6 +22,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import yaml
 from conftest import PROJECT_DIR, TINY_RUN, run_train
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
@@ -298,6 +299,7 @@ def test_sweep_summary_has_a_row_per_job_even_a_failed_one_and_a_rerun_skips_fin
         *TINY_RUN,
         *DEFAULTS,
         f"data_module.data_dir={mnist_dir}",
+        "+job_tag='num=${hydra:job.num} id=${hydra:job.id}'",
         f"hydra.sweep.dir={sweep_dir}",
     ]
     result = run_train(*args, env=TESTS_ON_PATH)
@@ -312,6 +314,10 @@ def test_sweep_summary_has_a_row_per_job_even_a_failed_one_and_a_rerun_skips_fin
     assert "the training loss became nan or inf" in rows[1]["error"]
     assert (sweep_dir / "comparison.png").stat().st_size > 0
     assert (sweep_dir / "0" / "confusion_matrix.png").is_file()
+    for job in (0, 1):  # Hydra's job number and id in each job, as Hydra's own launcher gives them
+        assert f"num={job} id={job}" in (sweep_dir / str(job) / "config_tree.txt").read_text()
+        hydra_cfg = yaml.safe_load((sweep_dir / str(job) / ".hydra" / "hydra.yaml").read_text())["hydra"]
+        assert (hydra_cfg["job"]["num"], str(hydra_cfg["job"]["id"])) == (job, str(job))
 
     again = run_train(*args, env=TESTS_ON_PATH)
     assert "job 0 finished before" in again.stdout
