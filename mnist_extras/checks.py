@@ -310,9 +310,7 @@ def check_config(cfg: DictConfig, fixes: Fixes, launcher: str | None = None, cho
 def refusing_on_failure() -> typing.Iterator[None]:
     try:
         yield
-    except SystemExit:
-        raise
-    except Exception as err:
+    except Exception as err:  # not SystemExit: a check's own exit 2 passes through
         exit_on_error(err)  # a value that cannot work: its line and exit 2
         traceback.print_exception(err)
         raise SystemExit(1) from err
