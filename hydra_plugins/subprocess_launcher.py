@@ -18,7 +18,7 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict
 
 from mnist_extras.errors import ConfigError, exit_on_error, override_key, quoted
-from mnist_extras.records import read_record, write_record
+from mnist_extras.records import read_record, record_failure
 
 log = logging.getLogger(__name__)
 # The command line's `hydra.*` overrides that are the sweep's, not a job's (`hydra.sweep` covers `hydra.sweeper`).
@@ -83,13 +83,10 @@ class SubprocessLauncher(Launcher):
         after = read_record(job_dir)
         if returncode == 2 and after == before:
             raise SystemExit(2)  # the job refused its config before any work, in the one line above
-        if returncode != 0 and (after is None or after.get("status") == "running"):
-            # The process died without saying how (killed, or a crash before its record began).
+        if returncode != 0:  # recorded here if the process died without saying how (killed, or before its record)
             reason = next((line for line in reversed(error_lines) if line.strip()), f"exit code {returncode}")
-            after = {**(after or {"overrides": given}), "status": "failed", "error": reason}
-            after.setdefault("wall_time_s", time.time() - started)
-            write_record(job_dir, after)
-        return self.job_return(after)
+            record_failure(job_dir, given, reason, started)
+        return self.job_return(read_record(job_dir))
 
     def job_return(self, record: dict | None) -> JobReturn:
         """COMPLETED with the recorded objective (main's return value), or FAILED with JobFailed."""

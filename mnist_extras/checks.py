@@ -24,6 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from mnist_extras.errors import ConfigError, exit_on_error, override_key
+from mnist_extras.loading import admitted
 from mnist_extras.mnist_files import RAW_FILES
 from mnist_extras.records import typed_overrides
 from train import TARGETS
@@ -165,7 +166,7 @@ def check_schemas(cfg: DictConfig, fixes: Fixes) -> None:
 def check_targets(cfg: DictConfig) -> None:
     for key, node in target_nodes(OmegaConf.to_container(cfg, resolve=False)):
         target, where = str(node["_target_"]), f"{key}._target_"
-        if not any(target == name or name.endswith(".*") and target.startswith(name[:-1]) for name in TARGETS):
+        if not admitted(target, TARGETS):
             raise ConfigError(
                 f"{where}={target}: not in train.py's TARGETS, the only callables Hydra lets a config name; "
                 "fix: name a class of this project, torch.optim or pytorch_lightning, or add it to TARGETS"

@@ -29,6 +29,8 @@ FIXES = {
     "MNISTUnavailable": None,
     "Diverged": "lower task.optimizer.lr (a tenth is a good first try)",
     "WeightsUnavailable": "train from scratch with task.model.backbone.pretrained=false",
+    # models.py's message ends with the backbone's width.
+    "AdapterMismatch": lambda message: f"task.model.adapter.in_features={message.rpartition(' gives ')[2]}",
     "UnknownPart": "pass a checkpoint written by train.py",
 }
 
@@ -41,10 +43,9 @@ def user_error(err: BaseException | None) -> str | None:
             return str(err)
         if isinstance(err, OSError) and err.errno == errno.ENOSPC:
             return f"{err}; fix: free space there, or write the run elsewhere with hydra.run.dir=PATH"
-        if name == "AdapterMismatch":  # models.py's message ends with the backbone's width
-            return f"{err}; fix: task.model.adapter.in_features={str(err).rpartition(' gives ')[2]}"
         if name in FIXES:
-            return f"{err}; fix: {FIXES[name]}" if FIXES[name] else str(err)
+            fix = FIXES[name](str(err)) if callable(FIXES[name]) else FIXES[name]
+            return f"{err}; fix: {fix}" if fix else str(err)
         frames = [(f.name, *Path(f.filename).parts[-2:]) for f in traceback.extract_tb(err.__traceback__)]
         if name == "MisconfigurationException" and ("__init__", "trainer", "trainer.py") in frames:  # Trainer(...)
             text = (str(err).strip() or name).splitlines()[0]

@@ -91,12 +91,17 @@ def check_parts(path: Path, node: Any, key: str = "") -> None:
             check_parts(path, value, f"{key}[{i}]")
 
 
+def admitted(target: str, names: list[str]) -> bool:
+    """Whether Hydra's execution whitelist `names` (exact names and `module.*`) lets a config name `target`."""
+    return any(fnmatch.fnmatchcase(target, name) for name in names)
+
+
 def yours(target: str) -> bool:
     """A name in the project's own modules or torch.optim, which train.py could have built; a checkpoint
     naming anything else (`torch.load`, Lightning's loaders) is no project's, whatever it says."""
     from train import TARGETS
 
-    return any(fnmatch.fnmatchcase(target, name) for name in TARGETS if name != "pytorch_lightning.*")
+    return admitted(target, [name for name in TARGETS if name != "pytorch_lightning.*"])
 
 
 def load_task(path: str | Path) -> Any:

@@ -52,6 +52,17 @@ def typed_overrides(config: DictConfig) -> list[str]:
     return OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
 
 
+def record_failure(run_dir: Path, overrides: list[str], error: str, started: float | None) -> None:
+    """Record a job that ended without recording its end (stopped before its run began, or killed)."""
+    record = read_record(run_dir) or {"overrides": overrides}
+    if record.get("status") not in (None, "running"):
+        return
+    record.update(status="failed", error=error)
+    if started is not None:
+        record.setdefault("wall_time_s", time.time() - started)
+    write_record(run_dir, record)
+
+
 def rank_zero() -> bool:
     # Lightning's rule (rank_zero_only.rank), read without importing torch.
     keys = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")

@@ -10,7 +10,6 @@ import re
 import statistics
 import sys
 import textwrap
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from mnist_extras.errors import override_key
-from mnist_extras.records import RECORD, failure_line, read_record, write_record
+from mnist_extras.records import RECORD, failure_line, read_record, record_failure
 
 # "overrides" holds those that differ between the jobs; the others are "common overrides", shown once.
 SUMMARY_COLUMNS = ["job", "overrides", "params", "best val acc", "test acc", "epochs", "wall time (s)", "status"]
@@ -196,12 +195,8 @@ def job_ended(
 ) -> None:
     """After each job of a sweep (records.RunRecord): its record if the job could not write one (stopped
     before its run began, or killed while running), then the summary files."""
-    record = read_record(run_dir) or {}
-    if job_return.status == JobStatus.FAILED and record.get("status") in (None, "running"):
-        record.update(overrides=overrides, status="failed", error=failure_line(job_return))
-        if started is not None:
-            record.setdefault("wall_time_s", time.time() - started)
-        safely(write_record, run_dir, record)
+    if job_return.status == JobStatus.FAILED:
+        safely(record_failure, run_dir, overrides, failure_line(job_return), started)
     safely(write_summary, sweep_dir)
 
 
