@@ -17,14 +17,10 @@ class WeightsUnavailable(OSError):
 
 
 class ResNetBackbone(nn.Module):
-    """A torchvision ResNet with a one-channel stem and no classifier.
-
-    The rest is torchvision's network, computed the same way, so ImageNet weights fit (their three
-    input channels are summed into one, as timm does for grayscale). `stem="digits"` replaces the
-    7x7 ImageNet stem with two 3x3 convolutions made for 28x28 strokes. Either way a digit reaches
-    the first residual block at 7x7. `stem="digits14"` also drops the max-pool, so the residual
-    blocks see 14x14: four times the work a step, for finer detail (bench/README.md). Wider trunks
-    (ResNet50: 2048) are projected to 512 features by a linear layer.
+    """A torchvision ResNet with a one-channel stem and no classifier; ImageNet weights fit (their three
+    input channels summed into one, as timm does). `stem="digits"`: two 3x3 convolutions for 28x28 strokes
+    instead of the 7x7 stem; `"digits14"` also drops the max-pool, so the blocks see 14x14, not 7x7 (four
+    times the work a step). Wider trunks (ResNet50: 2048) are projected to 512 features.
     """
 
     out_features = FEATURES

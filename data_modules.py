@@ -18,13 +18,9 @@ VAL_SIZE, SPLIT_SEED = 5_000, 12345
 class MNISTDataModule(pl.LightningDataModule):
     """MNIST: 55,000 train / 5,000 validation (a fixed, seeded split) / the official 10,000 test.
 
-    Files live in torchvision's layout, `<data_dir>/MNIST/raw/`; a relative `data_dir` is taken
-    from the folder the command runs in. Batches are `(uint8 images (B, 1, 28, 28), int64 labels
-    (B,))` until they reach the device, where `on_after_batch_transfer` normalises them.
-    `batch_size` is per process: under DDP the global batch is `batch_size x world size`.
-    `on_device` keeps the whole set (47 MB) on the run's device and cuts batches there, so no batch
-    crosses the PCIe bus; by default it is on when the run has a GPU. Worker processes
-    (`num_workers`) and pinned memory then have nothing to do.
+    Files in torchvision's layout, `<data_dir>/MNIST/raw/`. Batches stay uint8 until the device, where
+    `on_after_batch_transfer` normalises them. `batch_size` is per process. `on_device` (by default on
+    with a GPU) keeps the whole set (47 MB) on the device and cuts batches there: none crosses the bus.
     """
 
     def __init__(

@@ -31,15 +31,11 @@ PARTS = {
 
 
 class MNISTClassification(pl.LightningModule):
-    """Ten-way digit classification: logs loss and accuracy under train/, val/ and test/, and the
-    best validation accuracy so far as val/acc_best.
+    """Ten-way digit classification: loss and accuracy under train/, val/ and test/, and val/acc_best.
 
-    `optimizer` and `scheduler` are Hydra `_partial_` objects: everything but the parameters (and
-    the optimizer), which `configure_optimizers` supplies; the scheduler steps every batch, and
-    OneCycleLR gets the trainer's step count. `compile=True` runs the model through torch.compile.
-    Each part may also be given as its config (a dict with `_target_`): that is how
-    `MNISTClassification.load_from_checkpoint(path)` rebuilds a task from the checkpoint's
-    hyper-parameters, which train.py sets to the task's config.
+    `optimizer` and `scheduler` are Hydra `_partial_` objects that `configure_optimizers` completes; the
+    scheduler steps every batch. Each part may also be its config (a dict with `_target_`): that is how
+    `load_from_checkpoint(path)` rebuilds a task from the hyper-parameters train.py stores.
     """
 
     def __init__(

@@ -1,9 +1,8 @@
-"""Hydra's Optuna sweeper, continuing the study its storage holds when the same search runs again into
-the same `hydra.sweep.dir`: completed trials count toward `n_trials`, new ones take the next job
-folders, a trial left running is marked failed, and another search space stops before any trial
-(exit 2): two searches in one study would mislead the sampler. Optuna is imported only when a search
-starts. The plugin has no public API for this (facebookresearch/hydra#1407): this sets its
-OptunaSweeperImpl's `n_trials`, `job_idx` and `sampler`, and makes the private calls its `sweep` makes."""
+"""Hydra's Optuna sweeper, continuing the study its storage holds when the same search runs again into the
+same `hydra.sweep.dir`: completed trials count toward `n_trials`, a trial left running is marked failed, and
+another search space stops before any trial (exit 2). The plugin has no public API for this
+(facebookresearch/hydra#1407): this sets its OptunaSweeperImpl's `n_trials`, `job_idx` and `sampler`, and
+makes the private calls its `sweep` makes."""
 
 import contextlib
 import logging
