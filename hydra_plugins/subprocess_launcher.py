@@ -1,7 +1,6 @@
-"""`hydra/launcher=subprocess`: each job of a sweep is its own `python train.py <overrides>` process, in
-turn, with Hydra's `hydra.job.num`/`hydra.job.id`. So Lightning's DDP launcher can start a job's other
-ranks by re-running its command, and a crashed job cannot take the sweep down. A job whose `run.json`
-says `completed` is skipped (its objective is returned); one that left `last.ckpt` continues from it."""
+"""`hydra/launcher=subprocess`: each job of a sweep runs in turn as its own `python train.py <overrides>` process,
+with Hydra's job number and id, so Lightning's DDP can start its other ranks by re-running the command, and a crash
+cannot take the sweep down. A job whose `run.json` says `completed` is skipped; one that left `last.ckpt` resumes."""
 
 import logging
 import subprocess
@@ -18,7 +17,7 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict
 
 from mnist_extras.errors import ConfigError, exit_on_error, override_key, quoted
-from mnist_extras.records import read_record, record_failure
+from mnist_extras.records import read_record, record_failure, safely
 
 log = logging.getLogger(__name__)
 # The command line's `hydra.*` overrides that are the sweep's, not a job's (`hydra.sweep` covers `hydra.sweeper`).
@@ -30,14 +29,11 @@ class JobFailed(CompactHydraException):
 
 
 class SubprocessLauncher(Launcher):
-    config: DictConfig | None = None
-    hydra_context: HydraContext | None = None
-
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config, self.hydra_context = config, hydra_context
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from mnist_extras.sweeps import safely, write_summary  # Hydra imports this module in every run, not a sweep
+        from mnist_extras.sweeps import write_summary  # Hydra imports this module in every run, not only a sweep's
 
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
@@ -49,23 +45,21 @@ class SubprocessLauncher(Launcher):
             config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
             with open_dict(config):
                 config.hydra.job.id, config.hydra.job.num = str(idx), idx  # as BasicLauncher numbers its jobs
-            job_dir = Path(str(sweep_dir), str(config.hydra.sweep.subdir))
+            job_dir = sweep_dir / str(config.hydra.sweep.subdir)
             ret = self.run_job(list(overrides), job_dir, idx, sweep_dir)
             ret.cfg, ret.hydra_cfg, ret.overrides, ret.working_dir = config, config, list(overrides), str(job_dir)
             returns.append(ret)
             # The jobs' Hydra callbacks run in their own processes: the sweep's RunRecord sees no job end.
-            safely(write_summary, sweep_dir)
+            safely("the sweep summary", write_summary, sweep_dir)
         return returns
 
     def run_job(self, overrides: list[str], job_dir: Path, idx: int, sweep_dir: Path) -> JobReturn:
         before = read_record(job_dir)
         given = [o for o in overrides if override_key(o) != "ckpt_path"]
         if before is not None and before.get("overrides") != given:
-            err = ConfigError(
-                f"hydra.sweep.dir={sweep_dir} already holds job {idx} with overrides {before.get('overrides')}, "
-                f"not {given}; fix: run the same sweep again, or pick a new hydra.sweep.dir"
-            )
-            exit_on_error(err)
+            held = f"hydra.sweep.dir={sweep_dir} already holds job {idx} with overrides {before.get('overrides')}"
+            fix = "fix: run the same sweep again, or pick a new hydra.sweep.dir"
+            exit_on_error(ConfigError(f"{held}, not {given}; {fix}"))
         if before is not None and before.get("status") == "completed":
             log.info("job %d finished before (%s); skipping it", idx, job_dir / "run.json")
             return self.job_return(before)
@@ -80,8 +74,7 @@ class SubprocessLauncher(Launcher):
         command += [f"hydra.job.num={idx}", f"hydra.job.id={idx}"]
         started = time.time()
         returncode, error_lines = run_teeing_stderr(command)
-        after = read_record(job_dir)
-        if returncode == 2 and after == before:
+        if returncode == 2 and read_record(job_dir) == before:
             raise SystemExit(2)  # the job refused its config before any work, in the one line above
         if returncode != 0:  # recorded here if the process died without saying how (killed, or before its record)
             reason = next((line for line in reversed(error_lines) if line.strip()), f"exit code {returncode}")

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,13 @@ def write_record(run_dir: Path, record: dict[str, Any]) -> None:
         partial.unlink(missing_ok=True)
 
 
+def safely(what: str | Path, write: Callable[..., Any], *args: Any) -> None:
+    try:
+        write(*args)
+    except OSError as err:  # a full disk: the run or sweep goes on, or ends, with its own error on the terminal
+        logging.getLogger(__name__).warning("could not write %s: %s", what, err)
+
+
 def mark_interrupted(run_dir: Path, message: str) -> None:
     # Lightning turns Ctrl-C and SIGTERM into SystemExit; RunRecord.on_job_end, which Hydra calls after it, keeps this.
     if (record := read_record(run_dir)) is not None:
@@ -47,8 +55,7 @@ def mark_interrupted(run_dir: Path, message: str) -> None:
 
 
 def typed_overrides(config: DictConfig) -> list[str]:
-    """The job's overrides as typed, `${hydra:job.num}` and all (as in .hydra/overrides.yaml): a sweep run
-    again compares them with its own, and reading a ListConfig's strings would resolve them."""
+    # As typed, `${hydra:job.num}` and all (the ListConfig's items would be resolved): a sweep run again compares them.
     return OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
 
 
@@ -80,11 +87,9 @@ def csv_metrics(path: Path) -> tuple[dict[str, float], int | None]:
 
 
 class RunRecord(Callback):
-    """Writes `run.json` (running, then completed or failed; checkpoints.py marks it interrupted) and
-    `config_tree.txt`, holding `.run.lock` for the job. Only rank zero acts: the other DDP ranks
-    re-run the same command into the same folder. In a sweep it also rewrites the summary files after
-    every job (a killed sweep's hold every job that ran) and prints them at exit: Hydra skips
-    `on_multirun_end` when a job failed."""
+    """Writes `run.json` (running, then completed or failed; checkpoints.py marks it interrupted) and `config_tree.txt`,
+    holding `.run.lock`: on rank zero only, as the other DDP ranks re-run the command into the same folder. A sweep's
+    summary files are rewritten after every job and printed at exit: Hydra skips `on_multirun_end` after a failure."""
 
     def __init__(self) -> None:
         self.lock, self.run_dir, self.record = None, None, {}
@@ -92,15 +97,12 @@ class RunRecord(Callback):
         self.sweep_dir, self.pid = None, 0
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from mnist_extras.sweeps import print_report  # sweeps.py imports this module
-
         self.sweep_dir = Path(config.hydra.sweep.dir)
         self.pid = os.getpid()  # joblib and submitit run the job hooks in their workers too: they skip the summary
-        atexit.register(print_report, self.sweep_dir, self.pid)
+        atexit.register(self.print_sweep_summary)
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        # Locked before Hydra writes .hydra/ and the log file into it; None: a folder named after
-        # the job's runtime, which on_job_start locks.
+        # Locked before Hydra writes .hydra/ and the log in it; None: a folder named at runtime, locked in on_job_start.
         run_dir = OmegaConf.select(config, "hydra.run.dir", throw_on_resolution_failure=False)
         if run_dir is not None and rank_zero():
             self.hold(Path(str(run_dir)).absolute())
@@ -131,15 +133,24 @@ class RunRecord(Callback):
         started = self.started if run_dir == self.run_dir else None  # None: another rank's job, or one stopped early
         if started is not None:
             self.finish(job_return)
+            self.release()
         if self.sweep_dir is not None and os.getpid() == self.pid:
-            from mnist_extras.sweeps import job_ended
+            from mnist_extras.sweeps import write_summary  # sweeps.py imports this module
 
-            job_ended(self.sweep_dir, run_dir, job_return, typed_overrides(config), started)
+            if job_return.status == JobStatus.FAILED:  # stopped before its run began, or killed: no record of its end
+                error = failure_line(job_return)
+                safely(run_dir / RECORD, record_failure, run_dir, typed_overrides(config), error, started)
+            safely("the sweep summary", write_summary, self.sweep_dir)
+
+    def print_sweep_summary(self) -> None:
+        from mnist_extras.sweeps import print_summary, write_summary
+
+        if self.sweep_dir.is_dir() and os.getpid() == self.pid:
+            safely("the sweep summary", lambda: print_summary(write_summary(self.sweep_dir), self.sweep_dir))
 
     def finish(self, job_return: JobReturn) -> None:
         stored = read_record(self.run_dir) or {}
         if stored.get("status") == "interrupted":  # mark_interrupted's record of a SystemExit
-            self.release()
             return
         self.record = {**stored, **self.record}  # keys Lightning callbacks added
         csv_file = self.run_dir / "metrics.csv"
@@ -160,7 +171,6 @@ class RunRecord(Callback):
         if epochs is not None:
             self.record["epochs"] = epochs
         self.write()
-        self.release()
 
     def hold(self, run_dir: Path) -> None:  # a second command into a folder in use stops in one line
         if self.lock is not None and Path(self.lock.lock_file).parent == run_dir:
@@ -177,14 +187,11 @@ class RunRecord(Callback):
     def release(self) -> None:
         if self.lock is not None:
             self.lock.release()
-        self.lock = None
+            self.lock = None
 
     def write(self) -> None:
         self.record["wall_time_s"] = self.earlier_wall_time + time.time() - self.started
-        try:
-            write_record(self.run_dir, self.record)
-        except OSError as err:  # a full disk: the run goes on, or ends, with its error on the terminal
-            logging.getLogger(__name__).warning("could not write %s: %s", self.run_dir / RECORD, err)
+        safely(self.run_dir / RECORD, write_record, self.run_dir, self.record)
 
 
 def failure_line(job_return: JobReturn) -> str:

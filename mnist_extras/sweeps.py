@@ -1,11 +1,8 @@
-"""A sweep's `summary.md`, `summary.csv`, `summary_by_config.csv` and `comparison.png`, from its jobs'
-`run.json`; `python -m mnist_extras.sweeps PATH ...` builds them for any runs. No torch here: Hydra
-builds `records.RunRecord`, which writes them, before it checks anything, so a typo fails in a second."""
+"""A sweep's `summary.md`, `summary.csv`, `summary_by_config.csv` and `comparison.png`, from its jobs' `run.json`;
+`python -m mnist_extras.sweeps PATH ...` builds them for any runs. No torch here: a sweep's own process imports it."""
 
 import argparse
 import csv
-import logging
-import os
 import re
 import statistics
 import sys
@@ -14,19 +11,19 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from hydra.core.utils import JobReturn, JobStatus
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from mnist_extras.errors import override_key
-from mnist_extras.records import RECORD, failure_line, read_record, record_failure
+from mnist_extras.records import RECORD, read_record
 
 # "overrides" holds those that differ between the jobs; the others are "common overrides", shown once.
 SUMMARY_COLUMNS = ["job", "overrides", "params", "best val acc", "test acc", "epochs", "wall time (s)", "status"]
 SUMMARY_COLUMNS += ["error"]
 CONFIG_COLUMNS = ["config", "seeds", "best val acc mean", "best val acc std", "test acc mean", "test acc std"]
 CONFIG_COLUMNS += ["wall time mean (s)", "note"]
+BY_CONFIG = "By configuration (mean and std over seeds)"
 ACCURACIES = ("best val acc", "test acc")
 STYLES = {"completed": "green", "failed": "red", "interrupted": "yellow"}
 Rows = list[dict[str, Any]]
@@ -102,11 +99,9 @@ def write_tables(rows: Rows, out_dir: Path) -> Rows:
     out_dir.mkdir(parents=True, exist_ok=True)
     configs, common = config_rows(rows), rows[0]["common overrides"] if rows else ""
     lines = [f"common: {' '.join(f'`{o}`' for o in common.split())}", ""] if common else []
-    lines += markdown_table(rows, SUMMARY_COLUMNS)
-    write_csv(out_dir / "summary.csv", rows, SUMMARY_COLUMNS)
+    lines += write_table(out_dir / "summary.csv", rows, SUMMARY_COLUMNS)
     if configs:
-        lines += ["", "## By configuration (mean and std over seeds)", "", *markdown_table(configs, CONFIG_COLUMNS)]
-        write_csv(out_dir / "summary_by_config.csv", configs, CONFIG_COLUMNS)
+        lines += ["", f"## {BY_CONFIG}", "", *write_table(out_dir / "summary_by_config.csv", configs, CONFIG_COLUMNS)]
     else:  # a file left by an earlier summary of other runs would be read as this one's
         (out_dir / "summary_by_config.csv").unlink(missing_ok=True)
     (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
@@ -114,23 +109,21 @@ def write_tables(rows: Rows, out_dir: Path) -> Rows:
     return rows
 
 
-def write_csv(path: Path, rows: Rows, columns: list[str]) -> None:
+def write_table(path: Path, rows: Rows, columns: list[str]) -> list[str]:
+    """Write the table to the csv file `path`, with the common overrides; return it as markdown lines."""
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[*columns, "common overrides"], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-
-
-def markdown_table(rows: Rows, columns: list[str]) -> list[str]:
     cells = [columns, ["---"] * len(columns)]
     cells += [[str(row[c]).replace("|", "\\|").replace("\n", " ") for c in columns] for row in rows]
     return ["| " + " | ".join(line) + " |" for line in cells]
 
 
 def save_comparison(rows: Rows, configs: Rows, common: str, path: Path) -> None:
+    """Bars of the accuracies per configuration (mean, std as error bar) when seeds vary, otherwise per job."""
     from matplotlib.figure import Figure  # no pyplot: no global backend, no window, nothing to close
 
-    # Per configuration (mean, std as error bar) when seeds vary, otherwise per job.
     items, suffix = (configs, " mean") if configs else (rows, "")
     names = [g["config"] for g in configs] if configs else [row["overrides"] or str(row["job"]) for row in rows]
     notes = [g["note"] for g in configs] if configs else [r["status"].replace("completed", "") for r in rows]
@@ -161,8 +154,7 @@ def save_comparison(rows: Rows, configs: Rows, common: str, path: Path) -> None:
 
 
 def _plot_labels(names: list[str], notes: list[str]) -> list[str]:
-    """One override per line, keys cut to their last part (task.optimizer.lr=0.1 -> lr=0.1, ++seed=1 -> seed=1)
-    unless that makes two labels the same."""
+    """One override per line, keys cut to their last part (++task.optimizer.lr=1 -> lr=1) unless two would match."""
     full = [tuple(name.split()) for name in names]
     short = [tuple(re.sub(r"^[^=]*[./+]", "", o) if "=" in o else o for o in name) for name in full]
     chosen = short if len(set(short)) == len(set(full)) else full
@@ -173,9 +165,7 @@ def print_summary(rows: Rows, sweep_dir: Path, title: str = "Sweep summary") -> 
     """The tables of summary.md, as rich Text (brackets in an error are not markup), rows coloured by status."""
     configs, common = config_rows(rows), rows[0]["common overrides"] if rows else ""
     heading = f"{title} ({Path(sweep_dir) / 'summary.md'})" + (f"\ncommon: {common}" if common else "")
-    sections = [(heading, rows, SUMMARY_COLUMNS)]
-    if configs:
-        sections.append(("By configuration (mean and std over seeds)", configs, CONFIG_COLUMNS))
+    sections = [(heading, rows, SUMMARY_COLUMNS)] + ([(BY_CONFIG, configs, CONFIG_COLUMNS)] if configs else [])
     tables = []
     for heading, items, columns in sections:
         table = Table(*columns)
@@ -188,29 +178,6 @@ def print_summary(rows: Rows, sweep_dir: Path, title: str = "Sweep summary") -> 
     for heading, table in tables:
         console.print(Text(heading), soft_wrap=True)
         console.print(table)
-
-
-def job_ended(
-    sweep_dir: Path, run_dir: Path, job_return: JobReturn, overrides: list[str], started: float | None
-) -> None:
-    """After each job of a sweep (records.RunRecord): its record if the job could not write one (stopped
-    before its run began, or killed while running), then the summary files."""
-    if job_return.status == JobStatus.FAILED:
-        safely(record_failure, run_dir, overrides, failure_line(job_return), started)
-    safely(write_summary, sweep_dir)
-
-
-def print_report(sweep_dir: Path, pid: int) -> None:
-    """The summary tables, printed as the sweep's process exits."""
-    if sweep_dir.is_dir() and os.getpid() == pid:
-        safely(lambda: print_summary(write_summary(sweep_dir), sweep_dir))
-
-
-def safely(write: Any, *args: Any) -> None:
-    try:
-        write(*args)
-    except OSError as err:  # a full disk must not end the sweep: the jobs' own records are on disk already
-        logging.getLogger(__name__).warning("could not write the sweep summary: %s", err)
 
 
 def find_runs(paths: list[Path]) -> list[Path]:
