@@ -5,7 +5,6 @@ import os
 import random
 import shlex
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,16 +28,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
         try:
-            with os.fdopen(fd, "wb") as f:
+            with partial.open("wb") as f:
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
-            os.chmod(partial, 0o644)  # mkstemp makes files private; a checkpoint is shared like any output
             os.replace(partial, path)
         except BaseException as err:
-            Path(partial).unlink(missing_ok=True)
+            partial.unlink(missing_ok=True)
             if not isinstance(err, OSError | RuntimeError):
                 raise
             free, needed = shutil.disk_usage(path.parent).free / 2**20, checkpoint_bytes(checkpoint) / 2**20
@@ -110,15 +108,13 @@ def continue_command(run_dir: Path, checkpoint: Path) -> str:
 
 class RandomState(pl.Callback):
     """The global random generators' state (each epoch's shuffle; Lightning does not restore it) in every checkpoint,
-    as tensors and lists (weights_only loads): a resumed CPU run ends as an uninterrupted one. One GPU's only."""
+    as tensors and plain values (weights_only loads): a resumed CPU run ends as an uninterrupted one. One GPU's only."""
 
     def state_dict(self) -> dict[str, Any]:
         name, keys, *rest = np.random.get_state()
-        version, internal, gauss_next = random.getstate()
         cuda = [torch.cuda.get_rng_state()] if torch.cuda.is_available() else []
         numpy = [name, torch.from_numpy(keys.astype(np.int64)), *rest]
-        python = [version, list(internal), gauss_next]
-        return {"torch": torch.get_rng_state(), "cuda": cuda, "numpy": numpy, "python": python}
+        return {"torch": torch.get_rng_state(), "cuda": cuda, "numpy": numpy, "python": random.getstate()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         torch.set_rng_state(state_dict["torch"])
@@ -127,4 +123,4 @@ class RandomState(pl.Callback):
         name, keys, *rest = state_dict["numpy"]
         np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
         version, internal, gauss_next = state_dict["python"]
-        random.setstate((version, tuple(internal), gauss_next))
+        random.setstate((version, tuple(internal), gauss_next))  # a list in checkpoints written before

