@@ -24,7 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from mnist_extras.errors import ConfigError, exit_on_error, override_key
-from mnist_extras.loading import admitted
+from mnist_extras.loading import admitted, read_checkpoint, resolve
 from mnist_extras.mnist_files import RAW_FILES
 from mnist_extras.records import typed_overrides
 from train import TARGETS
@@ -97,9 +97,8 @@ class Fixes:
     def fix(self, key: str, works: typing.Callable[[Any], bool], fallback: Any = ABSENT) -> str:
         kept = [arg for arg in self.overrides if override_key(arg) != key]
         try:
-            base = OmegaConf.select(
-                compose(self.config_name, kept), key, default=ABSENT, throw_on_resolution_failure=False
-            )
+            cfg = compose(self.config_name, kept)
+            base = OmegaConf.select(cfg, key, default=ABSENT, throw_on_resolution_failure=False)
         except (HydraException, OmegaConfBaseException):  # another override needed the one left out
             base = ABSENT
         if base is not ABSENT and works(base):
@@ -167,15 +166,11 @@ def check_targets(cfg: DictConfig) -> None:
     for key, node in target_nodes(OmegaConf.to_container(cfg, resolve=False)):
         target, where = str(node["_target_"]), f"{key}._target_"
         if not admitted(target, TARGETS):
-            raise ConfigError(
-                f"{where}={target}: not in train.py's TARGETS, the only callables Hydra lets a config name; "
-                "fix: name a class of this project, torch.optim or pytorch_lightning, or add it to TARGETS"
-            )
+            fix = "name a class of this project, torch.optim or pytorch_lightning, or add it to TARGETS"
+            raise refuse(where, target, "not in train.py's TARGETS, the only callables Hydra lets a config name", fix)
         if target in TRACKING and importlib.util.find_spec(TRACKING[target]) is None:
-            raise ConfigError(
-                f"{where}={target}: needs the {TRACKING[target]} package, which is not installed; "
-                "fix: pip install -r requirements-tracking.txt"
-            )
+            allowed = f"needs the {TRACKING[target]} package, which is not installed"
+            raise refuse(where, target, allowed, "pip install -r requirements-tracking.txt")
         parts = target.split(".")
         for end in range(len(parts), 0, -1):  # the longest leading part that imports
             try:
@@ -185,18 +180,16 @@ def check_targets(cfg: DictConfig) -> None:
                 if err.name is None or not ".".join(parts[:end]).startswith(err.name):
                     raise  # a module that exists but fails to import: a bug
         else:
-            raise ConfigError(f"{where}={target}: no module of that name can be imported; fix: {where}=<module.Name>")
+            raise refuse(where, target, "no module of that name can be imported", f"{where}=<module.Name>")
         missing = next((part for part in parts[end:] if not hasattr(module, part)), None)
         if missing is not None:
             close = difflib.get_close_matches(missing, [n for n in dir(module) if not n.startswith("_")], n=1)
             fix = f"{module.__name__}.{close[0]}" if close else "<an importable name>"
-            raise ConfigError(f"{where}={target}: {module.__name__} has no {missing}; fix: {where}={fix}")
+            raise refuse(where, target, f"{module.__name__} has no {missing}", f"{where}={fix}")
 
 
 def check_trainer(cfg: DictConfig, fixes: Fixes) -> None:
     # Lightning checks ranges as train.py builds the Trainer, but not types: `max_epochs=abc` would fail an hour later.
-    if cfg.get("trainer") is None:
-        return
     target = str(cfg.trainer.get("_target_"))
     parameters = inspect.signature(get_class(target).__init__).parameters
     raw = OmegaConf.to_container(cfg.trainer, resolve=False)
@@ -226,19 +219,15 @@ def check_trainer(cfg: DictConfig, fixes: Fixes) -> None:
         kinds = typing.get_args(annotation) or (annotation,)
         if not all(kind in WORDS or typing.get_origin(kind) is Literal for kind in kinds) or fits(annotation, value):
             continue  # a type with more than plain values (a callback, a logger) is Lightning's to check
-        allowed = list(dict.fromkeys(WORDS.get(k) or ", ".join(map(show, typing.get_args(k))) for k in kinds))
+        *others, last = dict.fromkeys(WORDS.get(k) or ", ".join(map(show, typing.get_args(k))) for k in kinds)
         fallback = SAFE_TRAINER.get(key, ABSENT if default in (None, inspect.Parameter.empty) else default)
         fix = fixes.fix(name, lambda v, annotation=annotation: fits(annotation, v), fallback)
-        raise refuse(
-            name, value, allowed[0] if len(allowed) == 1 else f"{', '.join(allowed[:-1])} or {allowed[-1]}", fix
-        )
+        raise refuse(name, value, f"{', '.join(others)} or {last}" if others else last, fix)
 
 
 def check_processes(cfg: DictConfig, launcher: str | None = None, launcher_choice: str | None = None) -> None:
     """Refuse trainers whose processes could not report back to the run, or would run the sweep again."""
-    trainer = cfg.get("trainer")
-    if trainer is None:
-        return
+    trainer = cfg.trainer
     strategy = trainer.get("strategy", "auto")
     if isinstance(strategy, DictConfig):  # a class: its name and start method
         strategy = f"{str(strategy._target_).rpartition('.')[2]}(start_method={strategy.get('start_method', 'popen')})"
@@ -268,37 +257,33 @@ def check_processes(cfg: DictConfig, launcher: str | None = None, launcher_choic
     )
 
 
-def check_writable(key: str, folder: Path, fix: str) -> None:
+def check_writable(key: str, folder: Path, fix: str | None = None) -> None:
     # A probe file, as `os.access` says yes to root on a read-only mount; no folder is made, none removed.
     ancestor = next(path for path in (folder, *folder.parents) if path.exists())
-    if not ancestor.is_dir():
-        raise ConfigError(f"{key}={folder}: a folder this process can write ({ancestor} is a file); fix: {fix}")
     try:
-        handle, probe = tempfile.mkstemp(prefix=".write-probe-", dir=ancestor)
+        tempfile.TemporaryFile(dir=ancestor).close()  # unnamed where the kernel can, else removed at once
     except OSError as err:
-        why = f"no file can be created in {ancestor}: {err.strerror}"
-        raise ConfigError(f"{key}={folder}: a folder this process can write ({why}); fix: {fix}") from err
-    os.close(handle)
-    os.unlink(probe)
+        why = f"no file can be created in {ancestor}: {err.strerror}" if ancestor.is_dir() else f"{ancestor} is a file"
+        fix = fix or f"leave {key} out, or name a folder you can write"
+        raise refuse(key, folder, f"a folder this process can write ({why})", fix) from err
 
 
 def check_config(cfg: DictConfig, fixes: Fixes, launcher: str | None = None, choice: str | None = None) -> None:
     """One run's config (no `hydra` node), fastest checks first; a SLURM job's GPUs and folders are elsewhere."""
     check_schemas(cfg, fixes)
     check_targets(cfg)
-    check_trainer(cfg, fixes)
-    check_processes(cfg, launcher, choice)
+    if cfg.get("trainer") is not None:
+        check_trainer(cfg, fixes)
+        check_processes(cfg, launcher, choice)
     if launcher == SLURM:
         return
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path not in (None, "last", "best", "hpc"):  # Lightning's names; a file must be a checkpoint of train.py
-        from mnist_extras.loading import read_checkpoint, resolve
-
         read_checkpoint(resolve(str(ckpt_path)))
     accelerator = cfg.get("trainer", {}).get("accelerator")
     if accelerator in ("gpu", "cuda") and not __import__("torch").cuda.is_available():
-        raise ConfigError(
-            f"trainer.accelerator={accelerator}: PyTorch sees no CUDA GPU here; fix: train on the CPU with trainer=cpu"
+        raise refuse(
+            "trainer.accelerator", accelerator, "PyTorch sees no CUDA GPU here", "train on the CPU with trainer=cpu"
         )
     data_dir = cfg.get("data_module", {}).get("data_dir")
     folder = Path(str(data_dir)).expanduser()  # relative to the CWD, as data_modules.py reads it
@@ -338,8 +323,7 @@ class ConfigCheck(Callback):
         with refusing_on_failure():
             fixes = Fixes(typed_overrides(config), config.hydra.job.config_name)
             check_config(OmegaConf.masked_copy(config, [key for key in config if key != "hydra"]), fixes)
-            fix = "leave hydra.run.dir out, or name a folder you can write"
-            check_writable("hydra.run.dir", Path(config.hydra.run.dir), fix)
+            check_writable("hydra.run.dir", Path(config.hydra.run.dir))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         with refusing_on_failure():
@@ -348,10 +332,7 @@ class ConfigCheck(Callback):
                 try:
                     cfg = compose(name, point)
                 except (HydraException, OmegaConfBaseException) as err:  # Hydra composes a point only as it runs
-                    message = " ".join(str(err).partition("Config search path")[0].split())
-                    raise ConfigError(
-                        f"the sweep's job {' '.join(point)}: {message}; fix: correct that override"
-                    ) from err
+                    job, message = " ".join(point), " ".join(str(err).partition("Config search path")[0].split())
+                    raise ConfigError(f"the sweep's job {job}: {message}; fix: correct that override") from err
                 check_config(cfg, Fixes(point, name), launcher, config.hydra.runtime.choices.get("hydra/launcher"))
-            fix = "leave hydra.sweep.dir out, or name a folder you can write"
-            check_writable("hydra.sweep.dir", Path(config.hydra.sweep.dir), fix)
+            check_writable("hydra.sweep.dir", Path(config.hydra.sweep.dir))

@@ -57,21 +57,16 @@ def user_error(err: BaseException | None) -> str | None:
     return None
 
 
-def print_error(err: BaseException) -> str | None:
-    """`error: <message>` on stderr and in the run's log for a user error; None, printing nothing, for a bug."""
+def exit_on_error(err: BaseException, stop: bool = True) -> None:
+    """For a user error, `error: <message>` on stderr and in the run's log, then exit 2 if `stop`; a bug returns."""
     if (message := user_error(err)) is None:
-        return None
+        return
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         traceback.print_exception(err)
     if (logfile := logging.getLogger("logfile")).handlers:  # the run's log alone (configs/hydra/job_logging)
         logfile.info("error: %s", message)
     print(f"error: {message}", file=sys.stderr, flush=True)
-    return message
-
-
-def exit_on_error(err: BaseException) -> None:
-    """Exit 2 with the line for a user error; return for a bug, which the caller re-raises."""
-    if print_error(err) is not None:
+    if stop:
         raise SystemExit(2)
 
 
@@ -95,12 +90,9 @@ class ErrorLines(Callback):
     on_job_start = on_run_start  # also in the job's own process: joblib's and submitit's workers
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        if job_return.status != JobStatus.FAILED or (err := failure(job_return)) is None:
-            return
-        if config.hydra.mode == RunMode.MULTIRUN:
-            print_error(err)  # the sweeper decides what a failed job means
-        else:
-            exit_on_error(err)  # a bug returns here, and Hydra prints its traceback
+        # In a sweep the sweeper decides what a failed job means; a bug returns here, and Hydra prints its traceback.
+        if job_return.status == JobStatus.FAILED and (err := failure(job_return)) is not None:
+            exit_on_error(err, stop=config.hydra.mode != RunMode.MULTIRUN)
 
 
 def quiet_lightning(record: logging.LogRecord) -> bool:
