@@ -1,4 +1,5 @@
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -64,6 +65,17 @@ def run_train(*args: str, env: dict[str, str] | None = None, script: str = "trai
         text=True,
         timeout=900,
     )
+
+
+def run_here(script: str, *args: str, monkeypatch: pytest.MonkeyPatch) -> int | str | None:
+    """`python <script> <args>`, its `__main__` run in this process: its exit code. For refusals and exit
+    codes, where a process of its own would spend seconds importing torch to print one line."""
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    try:
+        runpy.run_path(str(PROJECT_DIR / script), run_name="__main__")
+    except SystemExit as stop:
+        return stop.code
+    return 0
 
 
 def run_train_watching_imports(*args: str) -> subprocess.CompletedProcess:

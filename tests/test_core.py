@@ -59,6 +59,7 @@ def test_the_core_runs_the_spec_sweep(core_copy, mnist_dir):
     result = run_core(core_copy, *args)
     assert result.returncode == 0, result.stderr
     assert (result.stdout + result.stderr).count("test accuracy: ") == 3
+    assert (core_copy / "sweep" / "multirun.yaml").is_file()  # as Hydra writes a sweep
     for num in range(3):  # Hydra's own launcher: each job knows its number
         job = OmegaConf.load(core_copy / "sweep" / str(num) / ".hydra" / "hydra.yaml").hydra.job
         assert (job.num, str(job.id)) == (num, str(num))

@@ -142,11 +142,13 @@ def test_a_ddp_sweep_runs_each_job_once_goes_on_past_a_failed_rank_and_resumes(t
     with (sweep_dir / "summary.csv").open() as f:
         assert [row["status"] for row in csv.DictReader(f)] == ["completed", "failed"]
 
-    # Job 0 as SIGTERM leaves it: interrupted, with its last.ckpt. Running the sweep again continues it.
-    interrupted = {**record(job), "status": "interrupted"}
-    (job / "run.json").write_text(json.dumps(interrupted))
+    # Job 0 as SIGTERM leaves it: interrupted, with its last.ckpt; job 1 as if it had completed. Running the
+    # sweep again continues the first and skips the second.
+    (job / "run.json").write_text(json.dumps({**record(job), "status": "interrupted"}))
+    (sweep_dir / "1" / "run.json").write_text(json.dumps({**record(sweep_dir / "1"), "status": "completed"}))
     again = run_train(*args, env=env)
     assert "job 0 continues from" in again.stdout
+    assert "job 1 finished before" in again.stdout
     assert record(job)["status"] == "completed"
     assert "ckpt_path=" in rank_lines(job)[1]  # rank 1 continued from the checkpoint too
 

@@ -243,37 +243,33 @@ def assert_resumes_to_the_end(checkpoint: Path, run_dir: Path, epochs: int) -> N
 
 
 @pytest.mark.slow
-def test_sigterm_saves_where_the_run_stands_and_the_run_continues_from_there(tmp_path, mnist_dir):
+def test_a_run_killed_then_stopped_by_sigterm_continues_each_time_and_ends_as_one_run(tmp_path, mnist_dir):
     run_dir = tmp_path / "my runs" / "é 1"  # the printed line works pasted, spaces and accents too
-    process = start_training(run_dir, mnist_dir, max_epochs=2)
-    # Lightning's handler is in place once fit has started; stop somewhere in the first epoch.
-    wait_for(lambda: "Instantiating trainer" in read(run_dir / "train.log"), process)
-    time.sleep(random.uniform(2, 4))
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    process = start_training(run_dir, mnist_dir, max_epochs=3)
+    wait_for(checkpoint.is_file, process)
+    time.sleep(random.uniform(0, 2))  # anywhere in the next epoch, a checkpoint write included
+    process.kill()
+    process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    assert torch.load(checkpoint, weights_only=True)["global_step"] > 0  # the last good one, intact
+
+    # Continued from it, as the continue line runs it; then SIGTERM, once Lightning's handler is in place.
+    _, *args = shlex.split(continue_command(run_dir, checkpoint))  # `python`: this one
+    process = subprocess.Popen(
+        [sys.executable, *args], cwd=PROJECT_DIR, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    wait_for(lambda: "Restored all states" in read(run_dir / "train.log"), process)
+    time.sleep(random.uniform(0.2, 1.0))
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=120)
-
     assert process.returncode == 143, stderr
-    checkpoint = run_dir / "checkpoints" / "last.ckpt"
     said = f"saved {checkpoint}; continue with: {continue_command(run_dir, checkpoint)}"
     assert said in stdout
     assert said in read(run_dir / "train.log")
     assert "Traceback" not in stderr
     assert json.loads((run_dir / "run.json").read_text())["status"] == "interrupted"
-    assert_resumes_to_the_end(checkpoint, run_dir, epochs=2)
-
-
-@pytest.mark.slow
-def test_sigkill_leaves_the_last_good_checkpoint_and_the_run_continues_from_it(tmp_path, mnist_dir):
-    run_dir = tmp_path / "my runs" / "é 1"
-    checkpoint = run_dir / "checkpoints" / "last.ckpt"
-    process = start_training(run_dir, mnist_dir, max_epochs=2)
-    wait_for(checkpoint.is_file, process)
-    time.sleep(random.uniform(0, 2))  # anywhere in the next epoch, a checkpoint write included
-    process.kill()
-    process.communicate(timeout=60)
-
-    assert process.returncode == -signal.SIGKILL
-    assert_resumes_to_the_end(checkpoint, run_dir, epochs=2)
+    assert_resumes_to_the_end(checkpoint, run_dir, epochs=3)
 
 
 def read(path: Path) -> str:

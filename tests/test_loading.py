@@ -3,14 +3,12 @@ else in one line (exit code 2) without running a byte of its code."""
 
 import os
 import pickle
-import runpy
-import sys
 import zipfile
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import PROJECT_DIR, TINY_RUN, run_train
+from conftest import run_here, run_train
 from hydra.utils import UNSAFE_DISABLE_EXECUTION_CHECKS, instantiate
 from PIL import Image
 from torchvision.datasets.mnist import read_image_file
@@ -20,29 +18,20 @@ from mnist_extras.errors import ConfigError
 from mnist_extras.loading import load_task, read_checkpoint
 from tasks import MNISTClassification
 
-MNIST_CACHE = Path("/work/mnist_cache")  # real MNIST on the development machine; elsewhere the session's copy
 FIX = "; fix: pass a checkpoint written by train.py"
 
 
 @pytest.fixture(scope="session")
-def data_dir(request) -> Path:
-    return MNIST_CACHE if (MNIST_CACHE / "MNIST" / "raw").is_dir() else request.getfixturevalue("mnist_dir")
+def trained(learned) -> Path:
+    """`last.ckpt` of the session's learning run (conftest.py)."""
+    return learned[0] / "checkpoints" / "last.ckpt"
 
 
 @pytest.fixture(scope="session")
-def trained(tmp_path_factory, data_dir) -> Path:
-    """`last.ckpt` of a three-batch train.py run, built once a session."""
-    run_dir = tmp_path_factory.mktemp("tiny_run")
-    result = run_train(*TINY_RUN, f"data_module.data_dir={data_dir}", f"hydra.run.dir={run_dir}")
-    assert result.returncode == 0, result.stderr
-    return run_dir / "checkpoints" / "last.ckpt"
-
-
-@pytest.fixture(scope="session")
-def digits(tmp_path_factory, data_dir) -> Path:
+def digits(tmp_path_factory, mnist_dir) -> Path:
     """A folder of eight MNIST test digits as 60x60 PNGs, and a note that is not an image."""
     folder = tmp_path_factory.mktemp("digits")
-    for i, digit in enumerate(read_image_file(str(data_dir / "MNIST" / "raw" / "t10k-images-idx3-ubyte"))[:8]):
+    for i, digit in enumerate(read_image_file(str(mnist_dir / "MNIST" / "raw" / "t10k-images-idx3-ubyte"))[:8]):
         Image.fromarray(digit.numpy()).resize((60, 60)).save(folder / f"{i}.png")
     (folder / "notes.txt").write_text("not an image")
     return folder
@@ -153,14 +142,6 @@ def files(tmp_path_factory, trained) -> dict[str, Path]:
     return not_checkpoints(tmp_path_factory.mktemp("not_checkpoints"), trained)
 
 
-def run_script(script: str, args: list[str], monkeypatch) -> int:
-    """The script's `__main__` in this process, as the command line runs it; its exit code."""
-    monkeypatch.setattr(sys, "argv", [script, *args])
-    with pytest.raises(SystemExit) as stop:
-        runpy.run_path(str(PROJECT_DIR / script), run_name="__main__")
-    return stop.value.code
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_file_that_is_not_a_checkpoint_of_the_project_ends_in_one_line(files, kind, digits, capsys, monkeypatch):
@@ -174,7 +155,7 @@ def test_a_file_that_is_not_a_checkpoint_of_the_project_ends_in_one_line(files, 
     assert "weights_only" not in message.split(": ", 1)[1]  # never torch's advice to unpickle it
 
     for script, args in (("eval.py", ["trainer=cpu"]), ("predict.py", [f"inputs={digits}"])):
-        assert run_script(script, [f"ckpt_path={path}", *args], monkeypatch) == 2, script
+        assert run_here(script, f"ckpt_path={path}", *args, monkeypatch=monkeypatch) == 2, script
         assert capsys.readouterr().err.splitlines() == [f"error: {message}"], script
     assert not (path.parent / "ran").exists()
 
@@ -229,13 +210,13 @@ def test_predict_refuses_a_decompression_bomb_in_one_line(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_eval_tests_the_checkpoint_with_the_data_and_trainer_of_its_own_command_line(trained, data_dir, tmp_path):
+def test_eval_tests_the_checkpoint_with_the_data_and_trainer_of_its_own_command_line(trained, mnist_dir, tmp_path):
     result = run_train(
         f"ckpt_path={trained}",
         "trainer=cpu",
         "+trainer.limit_test_batches=2",
         "data_module.num_workers=0",
-        f"data_module.data_dir={data_dir}",
+        f"data_module.data_dir={mnist_dir}",
         f"hydra.run.dir={tmp_path}",
         script="eval.py",
     )
@@ -248,12 +229,12 @@ def test_eval_tests_the_checkpoint_with_the_data_and_trainer_of_its_own_command_
 
 def test_eval_exits_2_for_a_config_hydra_cannot_compose(trained, tmp_path, monkeypatch, capsys):
     args = [f"ckpt_path={trained}", "trainer=cpux", f"hydra.run.dir={tmp_path}"]
-    assert run_script("eval.py", args, monkeypatch) == 2
+    assert run_here("eval.py", *args, monkeypatch=monkeypatch) == 2
     assert "Available options in 'trainer'" in capsys.readouterr().err
 
 
 def test_eval_needs_a_checkpoint(monkeypatch, capsys):
-    assert run_script("eval.py", ["trainer=cpu"], monkeypatch) == 2
+    assert run_here("eval.py", "trainer=cpu", monkeypatch=monkeypatch) == 2
     assert capsys.readouterr().err.startswith("error: ckpt_path is not set; fix: python eval.py ckpt_path=PATH")
 
 

@@ -42,27 +42,33 @@ def mlflow_client(store: Path):
 
 
 @pytest.mark.slow
-def test_mlflow_run_has_the_config_metrics_checkpoint_and_figures(tmp_path, mnist_dir):
+def test_an_mlflow_sweep_is_one_experiment_whose_runs_have_the_config_metrics_checkpoint_and_figures(
+    tmp_path, mnist_dir
+):
     pytest.importorskip("mlflow", reason="pip install -r requirements-tracking.txt")
-    run_dir = tmp_path / "runs" / "first"
+    sweep_dir = tmp_path / "lr_sweep"
     result = run_train(
+        "-m",
+        "task.optimizer.lr=0.001,0.002",
         *TINY_RUN,
         *mlflow_args(tmp_path),
         "trainer.log_every_n_steps=1",
-        "task.optimizer.lr=0.002",
         f"data_module.data_dir={mnist_dir}",
-        f"hydra.run.dir={run_dir}",
+        f"hydra.sweep.dir={sweep_dir}",
     )
     assert result.returncode == 0, result.stderr
 
     client = mlflow_client(tmp_path)
-    experiment = client.get_experiment_by_name(str(run_dir.parent))  # named after the folder above the run
-    [run] = client.search_runs([experiment.experiment_id])
+    experiments = [e for e in client.search_experiments() if e.name != "Default"]
+    assert [e.name for e in experiments] == [str(sweep_dir)]  # named after the folder above the runs
+    runs = client.search_runs([experiments[0].experiment_id])
+    named = sorted((run.info.run_name, run.data.params["task/optimizer/lr"]) for run in runs)
+    assert named == [("0", "0.001"), ("1", "0.002")]
+    [run] = [run for run in runs if run.info.run_name == "1"]
+    run_dir = sweep_dir / "1"
     assert run.info.status == "FINISHED"
-    assert run.info.run_name == "first"
     assert run.data.tags["run_dir"] == str(run_dir)
     params = run.data.params
-    assert params["task/optimizer/lr"] == "0.002"
     assert params["task/model/backbone/_target_"] == "backbones.ResNet18"
     assert params["trainer/max_epochs"] == "1"
     assert params["seed"] == "0"
@@ -75,28 +81,6 @@ def test_mlflow_run_has_the_config_metrics_checkpoint_and_figures(tmp_path, mnis
     assert {"learning_curve.png", "confusion_matrix.png", "checkpoints"} <= set(artifacts)
     [checkpoint] = [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")]
     assert checkpoint == f"checkpoints/{next((run_dir / 'checkpoints').glob('epoch*.ckpt')).name}"  # the best
-
-
-@pytest.mark.slow
-def test_mlflow_sweep_is_one_experiment(tmp_path, mnist_dir):
-    pytest.importorskip("mlflow", reason="pip install -r requirements-tracking.txt")
-    sweep_dir = tmp_path / "lr_sweep"
-    result = run_train(
-        "-m",
-        "task.optimizer.lr=0.001,0.002",
-        *TINY_RUN,
-        *mlflow_args(tmp_path),
-        f"data_module.data_dir={mnist_dir}",
-        f"hydra.sweep.dir={sweep_dir}",
-    )
-    assert result.returncode == 0, result.stderr
-
-    client = mlflow_client(tmp_path)
-    experiments = [e for e in client.search_experiments() if e.name != "Default"]
-    assert [e.name for e in experiments] == [str(sweep_dir)]
-    runs = client.search_runs([experiments[0].experiment_id])
-    named = sorted((run.info.run_name, run.data.params["task/optimizer/lr"]) for run in runs)
-    assert named == [("0", "0.001"), ("1", "0.002")]
 
 
 @pytest.mark.slow

@@ -1,18 +1,17 @@
 """A config that cannot work stops before any work with one line: the key, the value, what is allowed, the fix.
 
-The checks run in this process (compose, then mnist_extras.checks); a subprocess only where the
-behaviour is the command line: exit codes, HYDRA_FULL_ERROR, a sweep that must not start.
+The checks run in this process (compose, then mnist_extras.checks), and so do the command lines whose
+exit code and one line are the point (`run_here`); a subprocess only where the process itself is: what
+it imports, and a run that gets as far as Lightning.
 """
 
 import logging
-import runpy
-import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
-from conftest import compose_config, run_train, run_train_watching_imports
+from conftest import compose_config, run_here, run_train, run_train_watching_imports
 from hydra import compose, initialize_config_dir
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.types import RunMode
@@ -24,7 +23,6 @@ from mnist_extras.checks import ConfigCheck, Fixes, check_config, check_processe
 from mnist_extras.errors import ConfigError, ErrorLines, quiet_libraries, user_error
 from train import CONFIG_DIR, as_group_choice
 
-MNIST = "/work/mnist_cache"
 JOBLIB = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
 SUBMITIT_LOCAL = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher"
 BASIC = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"  # a name compared, nothing imported
@@ -151,8 +149,8 @@ def test_fixes_never_make_things_worse():
         ["debug=fdr", "callbacks=default", "logger=default"],
     ],
 )
-def test_good_configs_pass(overrides):
-    assert refusal(f"data_module.data_dir={MNIST}", *overrides) is None
+def test_good_configs_pass(overrides, mnist_dir):
+    assert refusal(f"data_module.data_dir={mnist_dir}", *overrides) is None
 
 
 @pytest.mark.parametrize("launcher", [BASIC, JOBLIB, SUBMITIT_LOCAL])
@@ -168,8 +166,12 @@ def test_a_sweep_run_job_by_job_or_on_slurm_may_start_processes():
         check_processes(compose_config("trainer=ddp_cpu"), launcher)
 
 
-def test_a_read_only_copy_of_mnist_is_accepted():
-    assert refusal(f"data_module.data_dir={MNIST}") is None
+def test_a_read_only_copy_of_mnist_is_accepted(mnist_dir, monkeypatch):
+    def no_write(key, folder, fix=None):
+        raise ConfigError(f"{key}={folder} was probed")
+
+    monkeypatch.setattr(checks, "check_writable", no_write)  # the files are there: nothing need be written
+    assert refusal(f"data_module.data_dir={mnist_dir}") is None
 
 
 def test_the_write_probe_makes_and_removes_no_folder(tmp_path):
@@ -268,10 +270,8 @@ def test_library_lines_no_user_can_act_on_are_quieted(caplog):
 )
 def test_a_command_line_hydra_cannot_compose_is_a_usage_error(override, said, tmp_path, capsys, monkeypatch):
     """Hydra's own message, and exit code 2: Hydra exits 1, as for a crash."""
-    monkeypatch.setattr(sys, "argv", ["train.py", override, "trainer=cpu", f"hydra.run.dir={tmp_path / 'run'}"])
-    with pytest.raises(SystemExit) as stop:
-        runpy.run_path(str(CONFIG_DIR.parent / "train.py"), run_name="__main__")
-    assert stop.value.code == 2
+    args = [override, "trainer=cpu", f"hydra.run.dir={tmp_path / 'run'}"]
+    assert run_here("train.py", *args, monkeypatch=monkeypatch) == 2
     assert said in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
@@ -284,56 +284,54 @@ def test_a_bad_value_stops_before_torch_is_imported_and_leaves_no_folder(tmp_pat
     assert not (tmp_path / "run").exists()
 
 
-def test_hydra_full_error_adds_the_traceback_and_still_refuses(tmp_path):
-    result = run_train(
-        "trainer=cpu", "task.optimizer.lr=-1", f"hydra.run.dir={tmp_path / 'run'}", env={"HYDRA_FULL_ERROR": "1"}
-    )
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" in result.stderr
-    assert result.stderr.splitlines()[-1] == f"error: {REFUSED['task.optimizer.lr=-1']}"
+def test_hydra_full_error_adds_the_traceback_and_still_refuses(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    args = ["trainer=cpu", "task.optimizer.lr=-1", f"hydra.run.dir={tmp_path / 'run'}"]
+    assert run_here("train.py", *args, monkeypatch=monkeypatch) == 2
+    stderr = capsys.readouterr().err
+    assert "Traceback" in stderr
+    assert stderr.splitlines()[-1] == f"error: {REFUSED['task.optimizer.lr=-1']}"
     assert not (tmp_path / "run").exists()
 
 
-def test_a_sweep_with_an_interpolation_in_an_override_is_checked_before_it_starts(tmp_path):
+def test_a_sweep_with_an_interpolation_in_an_override_is_checked_before_it_starts(tmp_path, capsys, monkeypatch):
     sweep_dir = tmp_path / "sweep"
-    result = run_train(
-        "-m", "trainer=cpu", "task.optimizer.lr=-1,0.1", "+tag=${hydra:job.num}", f"hydra.sweep.dir={sweep_dir}"
-    )
-    assert result.returncode == 2, result.stderr
-    assert result.stderr.splitlines() == [f"error: {REFUSED['task.optimizer.lr=-1']}"]
+    args = ["-m", "trainer=cpu", "task.optimizer.lr=-1,0.1", "+tag=${hydra:job.num}", f"hydra.sweep.dir={sweep_dir}"]
+    assert run_here("train.py", *args, monkeypatch=monkeypatch) == 2
+    assert capsys.readouterr().err.splitlines() == [f"error: {REFUSED['task.optimizer.lr=-1']}"]
     assert not sweep_dir.exists()
 
 
-def test_a_ddp_sweep_on_hydras_own_launcher_is_refused_naming_the_one_that_works(tmp_path):
+def test_a_ddp_sweep_on_hydras_own_launcher_is_refused_naming_the_one_that_works(tmp_path, capsys, monkeypatch):
     """Lightning would start rank 1 of each job by running `train.py -m ...` again: the whole sweep."""
     sweep_dir = tmp_path / "sweep"
-    result = run_train("-m", "trainer=ddp_cpu", "hydra/launcher=basic", "+seed=1,2", f"hydra.sweep.dir={sweep_dir}")
-    assert result.returncode == 2, result.stderr
-    [line] = result.stderr.splitlines()
+    args = ["-m", "trainer=ddp_cpu", "hydra/launcher=basic", "+seed=1,2", f"hydra.sweep.dir={sweep_dir}"]
+    assert run_here("train.py", *args, monkeypatch=monkeypatch) == 2
+    [line] = capsys.readouterr().err.splitlines()
     assert line.startswith("error: hydra/launcher=basic with 2 processes per job")
     assert "fix: hydra/launcher=subprocess" in line
     assert not sweep_dir.exists()
 
 
-def test_a_gpu_trainer_without_a_gpu_stops_naming_trainer_cpu(tmp_path):
+def test_a_gpu_trainer_without_a_gpu_stops_naming_trainer_cpu(tmp_path, mnist_dir, capsys, monkeypatch):
     if __import__("torch").cuda.is_available():
         pytest.skip("this machine has a GPU")
-    result = run_train(f"data_module.data_dir={MNIST}", f"hydra.run.dir={tmp_path / 'run'}")
-    assert result.returncode == 2, result.stderr
-    assert result.stderr.splitlines() == [
+    args = [f"data_module.data_dir={mnist_dir}", f"hydra.run.dir={tmp_path / 'run'}"]
+    assert run_here("train.py", *args, monkeypatch=monkeypatch) == 2
+    assert capsys.readouterr().err.splitlines() == [
         "error: trainer.accelerator=gpu: PyTorch sees no CUDA GPU here; fix: train on the CPU with trainer=cpu"
     ]
     assert not (tmp_path / "run").exists()
 
 
-def test_an_error_in_the_run_ends_in_its_line_on_the_terminal_and_in_the_log(tmp_path):
+def test_an_error_in_the_run_ends_in_its_line_on_the_terminal_and_in_the_log(tmp_path, mnist_dir):
     """Lightning refuses limit_train_batches=1.5 when train.py builds the Trainer, after the checks."""
     run_dir = tmp_path / "run"
     result = run_train(
         "trainer=cpu",
         "task.model.backbone.pretrained=false",
         "+trainer.limit_train_batches=1.5",
-        f"data_module.data_dir={MNIST}",
+        f"data_module.data_dir={mnist_dir}",
         f"hydra.run.dir={run_dir}",
     )
     assert result.returncode == 2, result.stderr
@@ -346,13 +344,13 @@ def test_an_error_in_the_run_ends_in_its_line_on_the_terminal_and_in_the_log(tmp
 @pytest.mark.parametrize(
     ("content", "said"), [(b"hello", "it is a text file, not a checkpoint"), (None, "no such file")]
 )
-def test_a_ckpt_path_that_is_no_checkpoint_stops_the_run_in_one_line(tmp_path, content, said):
+def test_a_ckpt_path_that_is_no_checkpoint_stops_the_run_in_one_line(tmp_path, content, said, capsys, monkeypatch):
     path = tmp_path / "not.ckpt"
     if content is not None:
         path.write_bytes(content)
-    result = run_train("trainer=cpu", f"+ckpt_path={path}", f"hydra.run.dir={tmp_path / 'run'}")
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
+    args = ["trainer=cpu", f"+ckpt_path={path}", f"hydra.run.dir={tmp_path / 'run'}"]
+    assert run_here("train.py", *args, monkeypatch=monkeypatch) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
         f"error: ckpt_path={path}: {said}; fix: pass a checkpoint written by train.py"
     ]
     assert not (tmp_path / "run").exists()

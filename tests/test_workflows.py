@@ -289,42 +289,6 @@ def read_summary(sweep_dir: Path) -> list[dict[str, str]]:
 
 
 @pytest.mark.slow
-def test_sweep_summary_has_a_row_per_job_even_a_failed_one_and_a_rerun_skips_finished_jobs(tmp_path, mnist_dir):
-    sweep_dir = tmp_path / "sweep"
-    # The second job's loss turns nan: that job fails, the sweep goes on.
-    args = [
-        "-m",
-        "hydra/launcher=subprocess",  # the launcher that resumes a sweep run again
-        "task.loss_function._target_=loss_functions.CrossEntropyLoss,tests.diverging_loss.NaNFromStep",
-        *TINY_RUN,
-        *DEFAULTS,
-        f"data_module.data_dir={mnist_dir}",
-        "+job_tag='num=${hydra:job.num} id=${hydra:job.id}'",
-        f"hydra.sweep.dir={sweep_dir}",
-    ]
-    result = run_train(*args, env=TESTS_ON_PATH)
-
-    assert result.returncode == 1
-    assert "Traceback" not in result.stderr  # the failed job's line, not a traceback of the sweep
-    rows = read_summary(sweep_dir)
-    assert [(row["job"], row["status"]) for row in rows] == [("0", "completed"), ("1", "failed")]
-    assert "loss_functions.CrossEntropyLoss" in rows[0]["overrides"]
-    assert 0 <= float(rows[0]["best val acc"]) <= 1
-    assert 0 <= float(rows[0]["test acc"]) <= 1
-    assert "the training loss became nan or inf" in rows[1]["error"]
-    assert (sweep_dir / "comparison.png").stat().st_size > 0
-    assert (sweep_dir / "0" / "confusion_matrix.png").is_file()
-    for job in (0, 1):  # Hydra's job number and id in each job, as Hydra's own launcher gives them
-        assert f"num={job} id={job}" in (sweep_dir / str(job) / "config_tree.txt").read_text()
-        hydra_cfg = yaml.safe_load((sweep_dir / str(job) / ".hydra" / "hydra.yaml").read_text())["hydra"]
-        assert (hydra_cfg["job"]["num"], str(hydra_cfg["job"]["id"])) == (job, str(job))
-
-    again = run_train(*args, env=TESTS_ON_PATH)
-    assert "job 0 finished before" in again.stdout
-    assert [row["status"] for row in read_summary(sweep_dir)] == ["completed", "failed"]
-
-
-@pytest.mark.slow
 def test_optuna_search_reports_its_trials_and_the_same_command_continues_its_study(tmp_path, mnist_dir):
     sweep_dir = tmp_path / "optuna"
     search = [
@@ -374,24 +338,29 @@ def test_early_stopping_from_the_callbacks_group_stops_and_says_why(tmp_path, mn
 
 
 @pytest.mark.slow
-def test_a_sweep_stopped_by_sigterm_continues_when_run_again(tmp_path, mnist_dir):
-    """A scheduler's SIGTERM reaches the sweep and its running job (one process group)."""
+def test_a_sweep_stopped_by_sigterm_continues_when_run_again_and_sums_up_every_job_a_failed_one_too(
+    tmp_path, mnist_dir
+):
+    """A scheduler's SIGTERM reaches the sweep and its running job (one process group). The second job's
+    loss turns nan: that job fails, and the sweep goes on."""
     sweep_dir = tmp_path / "sweep"
     args = [
         "-m",
-        "hydra/launcher=subprocess",
-        "task.optimizer.lr=0.001,0.002",
+        "hydra/launcher=subprocess",  # the launcher that resumes a sweep run again
+        "task.loss_function._target_=loss_functions.CrossEntropyLoss,tests.diverging_loss.NaNFromStep",
         *TINY_RUN,
         *DEFAULTS,
         "trainer.max_epochs=2",
         "trainer.limit_train_batches=20",
         "data_module.batch_size=16",
         f"data_module.data_dir={mnist_dir}",
+        "+job_tag='num=${hydra:job.num} id=${hydra:job.id}'",
         f"hydra.sweep.dir={sweep_dir}",
     ]
     process = subprocess.Popen(
         [sys.executable, "train.py", *args],
         cwd=PROJECT_DIR,
+        env={**os.environ, **TESTS_ON_PATH},
         text=True,
         start_new_session=True,
         stdout=subprocess.PIPE,
@@ -408,11 +377,23 @@ def test_a_sweep_stopped_by_sigterm_continues_when_run_again(tmp_path, mnist_dir
     assert json.loads((sweep_dir / "0" / "run.json").read_text())["status"] == "interrupted"
     assert not (sweep_dir / "1").exists()
 
-    again = run_train(*args)
-    assert again.returncode == 0, again.stdout + again.stderr
-    assert [row["status"] for row in read_summary(sweep_dir)] == ["completed", "completed"]
-    epochs = [int(row["epoch"]) for row in csv_rows(sweep_dir / "0", "train/loss_epoch")]
-    assert epochs == [0, 1]
+    again = run_train(*args, env=TESTS_ON_PATH)
+    assert again.returncode == 1
+    assert "job 0 continues from" in again.stdout
+    assert "Traceback" not in again.stderr  # the failed job's line, not a traceback of the sweep
+    rows = read_summary(sweep_dir)
+    assert [(row["job"], row["status"]) for row in rows] == [("0", "completed"), ("1", "failed")]
+    assert "loss_functions.CrossEntropyLoss" in rows[0]["overrides"]
+    assert 0 <= float(rows[0]["best val acc"]) <= 1
+    assert 0 <= float(rows[0]["test acc"]) <= 1
+    assert "the training loss became nan or inf" in rows[1]["error"]
+    assert (sweep_dir / "comparison.png").stat().st_size > 0
+    assert (sweep_dir / "0" / "confusion_matrix.png").is_file()
+    assert [int(row["epoch"]) for row in csv_rows(sweep_dir / "0", "train/loss_epoch")] == [0, 1]
+    for job in (0, 1):  # Hydra's job number and id in each job, as Hydra's own launcher gives them
+        assert f"num={job} id={job}" in (sweep_dir / str(job) / "config_tree.txt").read_text()
+        hydra_cfg = yaml.safe_load((sweep_dir / str(job) / ".hydra" / "hydra.yaml").read_text())["hydra"]
+        assert (hydra_cfg["job"]["num"], str(hydra_cfg["job"]["id"])) == (job, str(job))
 
 
 def test_the_atomic_checkpoint_writer_plugs_into_the_trainer_from_a_callback(tmp_path):
