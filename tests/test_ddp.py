@@ -154,12 +154,12 @@ def test_a_ddp_sweep_runs_each_job_once_goes_on_past_a_failed_rank_and_resumes(t
 
 
 @pytest.mark.slow
-def test_an_optuna_search_on_ddp_trains_each_trial_in_both_processes(tmp_path, mnist_dir):
+def test_an_optuna_search_on_ddp_trains_its_trial_in_both_processes(tmp_path, mnist_dir):
     sweep_dir = tmp_path / "optuna"
     result = run_train(
         "-m",
         "hparams_search=mnist_optuna_resumable",
-        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.n_trials=1",
         "++trainer.fast_dev_run=true",
         *TINY_DDP_RUN,
         f"data_module.data_dir={mnist_dir}",
@@ -167,11 +167,10 @@ def test_an_optuna_search_on_ddp_trains_each_trial_in_both_processes(tmp_path, m
     )
     assert result.returncode == 0, result.stderr
     assert (sweep_dir / "optimization_results.yaml").is_file()
-    for job in ("0", "1"):
-        ranks = rank_lines(sweep_dir / job)
-        assert ranks[0] == ranks[1]
-        assert "task.optimizer.lr=" in ranks[1]
-        assert record(sweep_dir / job)["status"] == "completed"
+    ranks = rank_lines(sweep_dir / "0")
+    assert ranks[0] == ranks[1]
+    assert "task.optimizer.lr=" in ranks[1]
+    assert record(sweep_dir / "0")["status"] == "completed"
 
 
 def test_a_launcher_that_runs_jobs_in_a_pool_refuses_ddp_before_any_job(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import yaml
-from conftest import compose_config, run_train
+from conftest import compose_config, run_here, run_train
 from omegaconf import OmegaConf
 from test_workflows import train_here
 from torch import nn
@@ -116,13 +116,14 @@ def test_overfit_batches_trains_on_the_same_first_batches_every_epoch(tmp_path, 
     assert module.epochs == [list(range(16))] * 3
 
 
-def test_the_checks_build_a_profiled_trainer_before_a_run(tmp_path):
+def test_the_checks_build_a_profiled_trainer_before_a_run(tmp_path, capsys, monkeypatch):
     """The profiler's `${hydra:runtime.output_dir}` names a folder Hydra sets only when the job starts:
     the checks build the trainer without that key, and the bad precision is what they report."""
-    result = run_train("debug=profiler", *CPU, "+trainer.precision=bf17", f"hydra.run.dir={tmp_path / 'run'}")
-    assert result.returncode == 2, result.stderr
-    assert "bf17" in result.stderr
-    assert "HydraConfig" not in result.stderr
+    args = ["debug=profiler", *CPU, "+trainer.precision=bf17", f"hydra.run.dir={tmp_path / 'run'}"]
+    assert run_here("train.py", *args, monkeypatch=monkeypatch) == 2
+    stderr = capsys.readouterr().err
+    assert "bf17" in stderr
+    assert "HydraConfig" not in stderr
 
 
 @pytest.mark.slow

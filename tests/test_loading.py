@@ -78,16 +78,15 @@ def test_the_hostile_checkpoint_runs_code_when_its_config_is_instantiated(tmp_pa
     assert marker.is_dir()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("script", ["eval.py", "predict.py"])
-def test_a_checkpoint_that_names_code_is_refused_in_one_line_and_runs_none(tmp_path, digits, script):
+def test_a_checkpoint_that_names_code_is_refused_in_one_line_and_runs_none(
+    tmp_path, digits, script, capsys, monkeypatch
+):
     path, marker = hostile_checkpoint(tmp_path)
     args = [f"ckpt_path={path}", "trainer=cpu"] if script == "eval.py" else [f"ckpt_path={path}", f"inputs={digits}"]
 
-    result = run_train(*args, script=script)
-
-    assert result.returncode == 2, result.stderr
-    assert result.stderr.splitlines() == [
+    assert run_here(script, *args, monkeypatch=monkeypatch) == 2
+    assert capsys.readouterr().err.splitlines() == [
         f"error: ckpt_path={path}: its hyper_parameters name _target_=torch.load at model.backbone, "
         f"not a part of this project{FIX}"
     ]

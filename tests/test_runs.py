@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import TINY_RUN, run_train
+from conftest import TINY_RUN, run_here, run_train
 from filelock import FileLock
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus
@@ -152,16 +152,18 @@ def test_other_ranks_write_nothing_and_an_interrupt_is_marked(tmp_path, monkeypa
     }
 
 
-def test_a_command_into_a_folder_in_use_is_refused_in_one_line_and_changes_no_record(tmp_path, mnist_dir):
+def test_a_command_into_a_folder_in_use_is_refused_in_one_line_and_changes_no_record(
+    tmp_path, mnist_dir, capsys, monkeypatch
+):
     run_dir = tmp_path / "run"
     write_record(run_dir, {"status": "running", "overrides": ["trainer=cpu"], "wall_time_s": 1.0})
     before = (run_dir / "run.json").read_bytes()
 
     with FileLock(run_dir / ".run.lock"):  # as a run training in that folder holds it
-        result = run_train(*FAST_RUN, f"data_module.data_dir={mnist_dir}", f"hydra.run.dir={run_dir}")
+        args = [*FAST_RUN, f"data_module.data_dir={mnist_dir}", f"hydra.run.dir={run_dir}"]
+        assert run_here("train.py", *args, monkeypatch=monkeypatch) == 2
 
-    assert result.returncode == 2
-    assert result.stderr.splitlines()[-1] == (
+    assert capsys.readouterr().err.splitlines()[-1] == (
         f"error: hydra.run.dir={run_dir}: a run is using this folder now; "
         "fix: wait for it, or pick another hydra.run.dir"
     )
