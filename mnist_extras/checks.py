@@ -7,6 +7,7 @@ import importlib.util
 import inspect
 import itertools
 import os
+import re
 import tempfile
 import traceback
 import typing
@@ -231,7 +232,7 @@ def check_processes(cfg: DictConfig, launcher: str | None = None, launcher_choic
     strategy = trainer.get("strategy", "auto")
     if isinstance(strategy, DictConfig):  # a class: its name and start method
         strategy = f"{str(strategy._target_).rpartition('.')[2]}(start_method={strategy.get('start_method', 'popen')})"
-    if any(word in str(strategy).lower() for word in ("spawn", "fork", "notebook")):
+    if re.search("spawn|fork|notebook", str(strategy), re.IGNORECASE):
         raise ConfigError(
             f"trainer.strategy={strategy}: spawned processes hand nothing back to the run (run.json, metrics.csv and "
             "the learning curve would stay empty); fix: trainer=ddp_cpu on CPUs, trainer=ddp on GPUs"

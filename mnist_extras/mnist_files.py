@@ -122,12 +122,9 @@ def file_fault(raw_dir: Path, name: str) -> str | None:
     expected = 16 + 28 * 28 * count if "images" in name else 8 + count  # the header, then a byte per pixel or label
     if size != expected:
         return f"truncated: {size} of {expected} bytes" if size < expected else f"{size} bytes, expected {expected}"
-    return "altered: its MD5 differs from MNIST's" if file_md5(path) != RAW_FILES[name] else None
-
-
-def file_md5(path: Path) -> str:
     with path.open("rb") as f:
-        return hashlib.file_digest(f, "md5").hexdigest()
+        md5 = hashlib.file_digest(f, "md5").hexdigest()
+    return "altered: its MD5 differs from MNIST's" if md5 != RAW_FILES[name] else None
 
 
 def locked(path: Path) -> AcquireReturnProxy:
