@@ -99,7 +99,7 @@ class RunRecord(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.sweep_dir = Path(config.hydra.sweep.dir)
         self.pid = os.getpid()  # joblib and submitit run the job hooks in their workers too: they skip the summary
-        atexit.register(self.print_sweep_summary)
+        atexit.register(print_sweep_summary, self.sweep_dir, self.pid)  # not self: it may hold a lock
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         # Locked before Hydra writes .hydra/ and the log in it; None: a folder named at runtime, locked in on_job_start.
@@ -141,12 +141,6 @@ class RunRecord(Callback):
                 error = failure_line(job_return)
                 safely(run_dir / RECORD, record_failure, run_dir, typed_overrides(config), error, started)
             safely("the sweep summary", write_summary, self.sweep_dir)
-
-    def print_sweep_summary(self) -> None:
-        from mnist_extras.sweeps import print_summary, write_summary
-
-        if self.sweep_dir.is_dir() and os.getpid() == self.pid:
-            safely("the sweep summary", lambda: print_summary(write_summary(self.sweep_dir), self.sweep_dir))
 
     def finish(self, job_return: JobReturn) -> None:
         stored = read_record(self.run_dir) or {}
@@ -192,6 +186,13 @@ class RunRecord(Callback):
     def write(self) -> None:
         self.record["wall_time_s"] = self.earlier_wall_time + time.time() - self.started
         safely(self.run_dir / RECORD, write_record, self.run_dir, self.record)
+
+
+def print_sweep_summary(sweep_dir: Path, pid: int) -> None:
+    from mnist_extras.sweeps import print_summary, write_summary  # sweeps.py imports this module
+
+    if sweep_dir.is_dir() and os.getpid() == pid:
+        safely("the sweep summary", lambda: print_summary(write_summary(sweep_dir), sweep_dir))
 
 
 def failure_line(job_return: JobReturn) -> str:

@@ -1,3 +1,4 @@
+import logging
 import os
 import runpy
 import subprocess
@@ -71,10 +72,14 @@ def run_here(script: str, *args: str, monkeypatch: pytest.MonkeyPatch) -> int | 
     """`python <script> <args>`, its `__main__` run in this process: its exit code. For refusals and exit
     codes, where a process of its own would spend seconds importing torch to print one line."""
     monkeypatch.setattr(sys, "argv", [script, *args])
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level  # Hydra's logging setup would outlive the test
     try:
         runpy.run_path(str(PROJECT_DIR / script), run_name="__main__")
     except SystemExit as stop:
         return stop.code
+    finally:
+        root.handlers[:], root.level = handlers, level
     return 0
 
 

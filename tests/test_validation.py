@@ -166,7 +166,7 @@ def test_a_sweep_run_job_by_job_or_on_slurm_may_start_processes():
         check_processes(compose_config("trainer=ddp_cpu"), launcher)
 
 
-def test_a_read_only_copy_of_mnist_is_accepted(mnist_dir, monkeypatch):
+def test_intact_mnist_files_need_no_write_probe_so_a_read_only_copy_is_accepted(mnist_dir, monkeypatch):
     def no_write(key, folder, fix=None):
         raise ConfigError(f"{key}={folder} was probed")
 
