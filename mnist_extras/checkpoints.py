@@ -5,6 +5,7 @@ import os
 import random
 import shlex
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +29,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        fd, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
         try:
-            with partial.open("wb") as f:
+            with os.fdopen(fd, "wb") as f:  # a new file of its own: no symlink or other writer's file is followed
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
+            os.chmod(partial, 0o644)  # mkstemp makes files private; a checkpoint is shared like any output
             os.replace(partial, path)
         except BaseException as err:
-            partial.unlink(missing_ok=True)
+            Path(partial).unlink(missing_ok=True)
             if not isinstance(err, OSError | RuntimeError):
                 raise
             free, needed = shutil.disk_usage(path.parent).free / 2**20, checkpoint_bytes(checkpoint) / 2**20

@@ -281,12 +281,12 @@ def check_config(cfg: DictConfig, fixes: Fixes, launcher: str | None = None, cho
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path not in (None, "last", "best", "hpc"):  # Lightning's names; a file must be a checkpoint of train.py
         read_checkpoint(resolve(str(ckpt_path)))
-    accelerator = (cfg.get("trainer") or {}).get("accelerator")
+    accelerator = OmegaConf.select(cfg, "trainer.accelerator")  # None too for `trainer: null`
     if accelerator in ("gpu", "cuda") and not __import__("torch").cuda.is_available():
         raise refuse(
             "trainer.accelerator", accelerator, "PyTorch sees no CUDA GPU here", "train on the CPU with trainer=cpu"
         )
-    data_dir = (cfg.get("data_module") or {}).get("data_dir")
+    data_dir = OmegaConf.select(cfg, "data_module.data_dir")
     folder = Path(str(data_dir)).expanduser()  # relative to the CWD, as data_modules.py reads it
     if data_dir is not None and not all((folder / "MNIST" / "raw" / name).is_file() for name in RAW_FILES):
         fix = fixes.fix("data_module.data_dir", lambda other: other != data_dir, "./data/mnist")

@@ -138,8 +138,11 @@ def trains(losses: tuple[float, float], reference: tuple[float, float]) -> bool:
 
 def cache_key(model: torch.nn.Module, device: torch.device, batch_size: int, precision: str) -> str:
     """What the choice depends on: the chip, the threads, torch, the model, the batch size."""
-    cpu = f"{cpu_name()}, {torch.get_num_threads()} threads"
-    chip = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
+    chip = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{cpu_name()}, {torch.get_num_threads()} threads"
+    )
     layers = hashlib.sha256(repr(model).encode()).hexdigest()[:12]  # two stems can share a parameter count
     model_name = f"{type(model).__name__} of {sum(p.numel() for p in model.parameters())} parameters, layers {layers}"
     return f"{chip} | torch {torch.__version__} | {model_name} | batch {batch_size} | {precision}"
